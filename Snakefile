@@ -1,0 +1,22 @@
+# darkmatter workflow: `snakemake --cores all` runs the default experiment (config/config.yaml);
+# `snakemake --cores all --configfile config/<exp>.yaml` runs another one. All logic lives in the package.
+
+from darkmatter.config import load_config
+
+
+if not config:  # no --configfile given: the default experiment (never merged into another one)
+
+    configfile: "config/config.yaml"
+
+
+EXP = load_config(data=config)  # a typo or an impossible value fails here, in a second
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand(f"{RESULTS}/activations/{{split}}", split=("train", "eval")),

