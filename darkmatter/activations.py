@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from darkmatter.io import read_json, write_json
 from darkmatter.models import hook_module, output_tensor
+from darkmatter.provenance import write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +101,6 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
 
     Resumes a partial harvest of the same ``params`` left by an interrupted run.
     """
-    import time
-
-    from darkmatter.provenance import write_provenance
-
     started = time.time()
     out = Path(out)
     n_ctx, ctx = tokens.shape
@@ -118,44 +117,39 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     ids_all = torch.from_numpy(tokens.astype(np.int64))
-    d_models: dict[str, int] = {}
-    stores: dict[str, np.memmap] = {}
+    stores: dict[str, _RowWriter] = {}
     losses = np.full((n_ctx, keep), np.nan, dtype=np.float32)
     if done and spec.with_loss:
         losses[:done] = np.load(partial / "loss.npy")[:done]
 
     bar = tqdm(total=n_ctx * ctx, initial=done * ctx, unit="tok", unit_scale=True, disable=not progress,
                desc=f"harvest {out.name}")
-    with torch.inference_mode():
-        for start in range(done, n_ctx, spec.batch_contexts):
-            stop = min(start + spec.batch_contexts, n_ctx)
-            ids = ids_all[start:stop]
-            with _autocast(spec.autocast_bf16), capture(model, list(spec.hooks), spec.min_pos,
-                                                        stop=not spec.with_loss) as acts:
+    try:
+        with torch.inference_mode():
+            for start in range(done, n_ctx, spec.batch_contexts):
+                stop = min(start + spec.batch_contexts, n_ctx)
+                ids = ids_all[start:stop]
+                with _autocast(spec.autocast_bf16), capture(model, list(spec.hooks), spec.min_pos,
+                                                            stop=not spec.with_loss) as acts:
+                    if spec.with_loss:
+                        losses[start:stop, : keep - 1] = next_token_loss(model, ids, spec.min_pos).numpy()
+                    else:
+                        model.base_model(input_ids=ids)
+                for hook in spec.hooks:
+                    a = acts[hook].float().numpy().reshape(-1, acts[hook].shape[-1])
+                    if hook not in stores:
+                        stores[hook] = _RowWriter(partial / f"{hook}.npy", rows, a.shape[-1], create=not done)
+                    stores[hook].write(start * keep, a)
                 if spec.with_loss:
-                    losses[start:stop, : keep - 1] = next_token_loss(model, ids, spec.min_pos).numpy()
-                else:
-                    model.base_model(input_ids=ids)
-            for hook in spec.hooks:
-                a = acts[hook].float().numpy()
-                if hook not in stores:
-                    d_models[hook] = a.shape[-1]
-                    mode = "r+" if done else "w+"
-                    stores[hook] = np.lib.format.open_memmap(partial / f"{hook}.npy", mode=mode,
-                                                             dtype=np.float32, shape=(rows, a.shape[-1]))
-                stores[hook][start * keep : stop * keep] = a.reshape(-1, a.shape[-1])
-            for s in stores.values():
-                s.flush()
-            if spec.with_loss:
-                np.save(partial / "loss.npy", losses)
-            write_json(state_path, {"key": key, "done_contexts": stop})
-            bar.update((stop - start) * ctx)
-    bar.close()
-    if not stores:  # resumed after the last batch had already been written
-        for hook in spec.hooks:
-            stores[hook] = np.load(partial / f"{hook}.npy", mmap_mode="r")
-            d_models[hook] = stores[hook].shape[1]
-    del stores
+                    np.save(partial / "loss.npy", losses)
+                # Written data sits in the page cache, so it survives a killed process: record progress now.
+                write_json(state_path, {"key": key, "done_contexts": stop})
+                bar.update((stop - start) * ctx)
+    finally:
+        bar.close()
+        for w in stores.values():
+            w.close()
+    d_models = {hook: np.load(partial / f"{hook}.npy", mmap_mode="r").shape[1] for hook in spec.hooks}
 
     positions = np.arange(spec.min_pos, ctx, dtype=np.int32)
     index = pl.DataFrame({
@@ -178,6 +172,27 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
         shutil.rmtree(out)
     partial.rename(out)
     return out
+
+
+class _RowWriter:
+    """Writes row blocks into a preallocated float32 ``.npy`` file with positional writes.
+
+    Cheaper than a memmap whose ``flush()`` (msync) walks the whole multi-GB mapping after every batch.
+    """
+
+    def __init__(self, path: Path, rows: int, cols: int, create: bool):
+        if create:  # writes the header and sizes the (sparse) file; the mapping is dropped at once
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, cols))
+        self.offset = path.stat().st_size - rows * cols * 4  # the .npy header length
+        self.cols = cols
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, row: int, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block, dtype=np.float32)
+        os.pwrite(self.fd, data.tobytes(), self.offset + row * self.cols * 4)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class ActivationStore:

@@ -263,7 +263,7 @@ def hook_layer(hook: str) -> int:
     return int(m.group(1))
 
 
-def model_n_layers(model: ModelConfig) -> int | None:
+def model_n_layers(model: ModelConfig, where: str = "config") -> int | None:
     """Number of blocks, when it can be known offline and cheaply (None for hub models)."""
     if model.source == "embedded":
         return EMBEDDED_N_LAYERS
@@ -272,7 +272,9 @@ def model_n_layers(model: ModelConfig) -> int | None:
     if model.source == "local":
         cfg_path = Path(model.path or "") / "config.json"
         if not cfg_path.is_file():
-            raise ConfigError(f"model.path: {cfg_path} does not exist; expected a Hugging Face model folder.")
+            raise ConfigError(
+                f"{where}: key 'model.path': {cfg_path} does not exist; expected a Hugging Face model folder."
+            )
         cfg = json.loads(cfg_path.read_text())
         cfg = cfg.get("text_config", cfg)
         return cfg.get("num_hidden_layers", cfg.get("n_layer"))
@@ -305,7 +307,7 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     _require(h.eval_contexts >= 1, where, "harvest.eval_contexts", ">= 1", h.eval_contexts)
     _require(h.train_tokens >= 1, where, "harvest.train_tokens", ">= 1", h.train_tokens)
     _require(h.batch_contexts >= 1, where, "harvest.batch_contexts", ">= 1", h.batch_contexts)
-    n_layers = model_n_layers(m)
+    n_layers = model_n_layers(m, where)
     for i, hook in enumerate(h.hooks):
         try:
             layer = hook_layer(hook)

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from darkmatter.config import ModelConfig, RandomModelConfig, hook_layer
@@ -208,7 +209,7 @@ def load_model(path: str, revision: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, revision=revision, local_files_only=_is_local(path)
         )
-    except (OSError, ValueError, RuntimeError) as e:  # truncated safetensors, missing files, bad json
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated weights, missing files, bad json
         raise ModelError(f"could not load the model at {path}: {e}") from e
     model.eval()
     return model, load_tokenizer(path, revision)
