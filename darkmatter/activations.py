@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from darkmatter.io import read_json, write_json
-from darkmatter.models import hook_module, output_tensor
+from darkmatter.models import hook_module, logits_from_hidden, output_tensor
 from darkmatter.provenance import write_provenance
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor, start: int)
     The LM head runs only on the positions that are kept (the unembedding is ~20% of a small model's FLOPs).
     """
     hidden = model.base_model(input_ids=input_ids).last_hidden_state[:, start:-1]
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma-2 soft-caps its logits
-        logits = cap * torch.tanh(logits / cap)
+    logits = logits_from_hidden(model, hidden)
     targets = input_ids[:, start + 1 :].long()
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
 

@@ -255,3 +255,12 @@ def hook_module(model: nn.Module, hook: str) -> nn.Module:
 def output_tensor(output) -> torch.Tensor:
     """The activation tensor in a module's output (blocks and attention return tuples)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits from final hidden states (after the final norm), with Gemma-2's soft-capping."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits

@@ -1,0 +1,74 @@
+"""The queryable per-token store: one DuckDB file per experiment, built once, then opened read-only.
+
+:func:`build_database` is the only writer (the ``build_database`` rule); it writes to a temporary file and
+renames it into place. Everything downstream calls :func:`connect`, which opens the file read-only so that
+analyses can run in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from darkmatter.schema import TABLES, VIEWS, create_table_sql
+
+
+class StoreError(ValueError):
+    """A table handed to the store does not match the schema."""
+
+
+def _check_columns(name: str, frame: pl.DataFrame) -> pl.DataFrame:
+    want = [c.name for c in TABLES[name]]
+    missing = [c for c in want if c not in frame.columns]
+    if missing:
+        raise StoreError(f"table '{name}' lacks columns {missing}; expected {want}.")
+    return frame.select(want)
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (COMMENT ON takes no bound parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
+                   token_error_shards: Sequence[str | Path]) -> Path:
+    """Create the DuckDB file at ``path`` from the token table, the SAE table and per-SAE Parquet shards."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tokens = _check_columns("tokens", tokens)
+    saes = _check_columns("saes", saes)
+    cols = ", ".join(c.name for c in TABLES["token_errors"])
+    try:
+        with duckdb.connect(str(tmp)) as con:
+            for name in TABLES:
+                con.execute(create_table_sql(name))
+                for c in TABLES[name]:
+                    con.execute(f"COMMENT ON COLUMN {name}.{c.name} IS {_literal(c.doc)}")
+            con.register("tokens_frame", tokens.to_arrow())
+            con.execute("INSERT INTO tokens SELECT * FROM tokens_frame")
+            con.register("saes_frame", saes.to_arrow())
+            con.execute("INSERT INTO saes SELECT * FROM saes_frame")
+            if token_error_shards:
+                files = [str(p) for p in token_error_shards]
+                con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])
+            for view, (doc, sql) in VIEWS.items():
+                con.execute(f"CREATE VIEW {view} AS {sql}")
+                con.execute(f"COMMENT ON VIEW {view} IS {_literal(doc)}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """Open the store read-only (many readers at once; the file is never modified after it is built)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run the build_database step first.")
+    return duckdb.connect(str(path), read_only=True)
