@@ -1,0 +1,135 @@
+"""The analysis contract, and the one runner every ``analyses/<name>.py`` module uses.
+
+An analysis module answers one scientific question:
+
+- module docstring: first line = the question; the next paragraph = the method in about two sentences;
+- ``PAPER_CLAIM: str`` — what the paper reports for this question (SCIENCE.md §4), shown next to our numbers;
+- ``compute(ctx: AnalysisContext) -> pl.DataFrame`` — the result table;
+- ``summarize(table: pl.DataFrame) -> dict[str, float | str]`` — headline numbers, units in the names;
+- ``plot(table: pl.DataFrame) -> dict[str, matplotlib.figure.Figure]`` — figures, no I/O;
+- ``main()`` = ``run_cli(sys.modules[__name__])``.
+
+Outputs in ``--out``: ``table.parquet``, ``summary.json``, ``<figure>.png`` per figure, ``meta.json``
+(name, question, method, paper claim, figure names, seconds) and ``provenance.json``. The report assembles
+these and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import polars as pl
+
+from darkmatter.io import atomic_dir, read_json, write_json
+from darkmatter.provenance import write_provenance
+
+
+@dataclass(frozen=True)
+class AnalysisContext:
+    """Everything an analysis may read: the DuckDB store and the experiment's result folders.
+
+    ``params`` carries the analysis's config slice plus ``results`` (the experiment folder), ``hook``,
+    ``families`` and ``seed``; paths below are derived from it in one place.
+    """
+
+    db: Path
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def results(self) -> Path:
+        return Path(self.params["results"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.params.get("seed", 0))
+
+    def eval_store(self):
+        from darkmatter.activations import ActivationStore
+
+        return ActivationStore(self.results / "activations" / "eval")
+
+    def sae_folder(self, hook: str, sae_id: str) -> Path:
+        return self.results / "saes" / hook / sae_id
+
+    def errors_folder(self, hook: str, sae_id: str) -> Path:
+        return self.results / "errors" / hook / sae_id
+
+    def connect(self):
+        from darkmatter.store import connect
+
+        return connect(self.db)
+
+
+def question(module: ModuleType) -> str:
+    return (inspect.getdoc(module) or "").strip().splitlines()[0]
+
+
+def method(module: ModuleType) -> str:
+    paragraphs = (inspect.getdoc(module) or "").strip().split("\n\n")
+    return " ".join(paragraphs[1].split()) if len(paragraphs) > 1 else ""
+
+
+def run(module: ModuleType, ctx: AnalysisContext, out: Path) -> Path:
+    """Compute, summarise and plot one analysis, writing its outputs atomically into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from darkmatter.plots import apply_style
+
+    apply_style()
+    started = time.time()
+    table = module.compute(ctx)
+    summary = module.summarize(table)
+    figures = module.plot(table)
+    name = module.__name__.rsplit(".", 1)[-1]
+    with atomic_dir(out) as tmp:
+        table.write_parquet(tmp / "table.parquet")
+        write_json(tmp / "summary.json", summary)
+        for fig_name, fig in figures.items():
+            fig.savefig(tmp / f"{fig_name}.png", dpi=110, bbox_inches="tight")
+            plt.close(fig)
+        write_json(tmp / "meta.json", {
+            "name": name, "question": question(module), "method": method(module),
+            "paper_claim": getattr(module, "PAPER_CLAIM", ""), "figures": sorted(figures),
+            "seconds": round(time.time() - started, 2),
+        })
+        write_provenance(tmp, ctx.params, seeds={"analysis": ctx.seed}, started=started)
+    return out
+
+
+def run_cli(module: ModuleType, argv: list[str] | None = None) -> None:
+    """``python -m analyses.<name> --db DB --params JSON --out DIR``."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ap = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=question(module))
+    ap.add_argument("--db", required=True, help="the experiment's DuckDB store (opened read-only)")
+    ap.add_argument("--params", required=True, help="JSON: the analysis config slice + results, hook, families")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run(module, AnalysisContext(Path(args.db), json.loads(args.params)), Path(args.out))
+
+
+def load_outputs(folder: Path) -> dict[str, Any]:
+    """Read one analysis's outputs back (for the report and tests)."""
+    folder = Path(folder)
+    return {
+        "meta": read_json(folder / "meta.json"),
+        "summary": read_json(folder / "summary.json"),
+        "table": pl.read_parquet(folder / "table.parquet"),
+        "figures": {p.stem: p for p in sorted(folder.glob("*.png"))},
+    }
