@@ -108,11 +108,13 @@ class SaeTrainingConfig:
     k_aux: int | None = None  # None: d_in // 2
     dead_tokens: int = 1_000_000  # a latent not fired for this many tokens counts as dead (for AuxK)
     input_scaling: Literal["none", "mean_squared_norm"] = "mean_squared_norm"
-    l1_coef: float = 5.0
+    l1_coef: float = 0.05  # relu: initial coefficient of the scale-free, decoder-norm-weighted L1 (darkmatter.objectives)
+    l1_adapt_rate: float = 0.02  # relu: dual-ascent rate steering the mean L0 towards the family's k (0: l1_coef fixed)
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.01
     jumprelu_sparsity: Literal["l0", "target_l0"] = "target_l0"
     l0_coef: float = 1.0
+    batchtopk_threshold_beta: float = 0.99  # EMA decay of BatchTopK's inference threshold (darkmatter.train)
     buffer_tokens: int = 262_144
     autocast_bf16: bool = False
     log_every: int = 20
@@ -133,6 +135,41 @@ class SaeFamilyConfig:
 
 
 @dataclass(frozen=True)
+class DecompositionConfig:
+    """How the linear error predictor b* is fitted (SCIENCE.md §1–2).
+
+    Rows of the eval split (positions ≥ min_pos) are shuffled with ``seed``; b* is fitted on the first
+    ``fit_tokens`` and R² is scored on the rest; the fitted map is then applied to every token.
+    """
+
+    fit_tokens: int = 150_000
+    intercept: bool = True  # paper text: affine; its code mostly fits without (reported beside it)
+    ridge: float = 0.0
+    seed: int = 0
+
+
+ANALYSES = (
+    "error_predictability",
+    "scaling_decomposition",
+    "width_k_contours",
+    "norm_test",
+    "per_token_scaling",
+    "norm_baselines",
+    "synthetic_validation",
+    "probe_mechanism",
+)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Which analyses run (in report order) and their shared settings."""
+
+    names: tuple[str, ...] = ANALYSES
+    bootstrap: int = 200  # bootstrap resamples (over eval contexts) for confidence intervals
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "default"
     seed: int = 0
@@ -144,6 +181,8 @@ class ExperimentConfig:
         SaeFamilyConfig(),
         SaeFamilyConfig(name="k", widths=(4096,), ks=(8, 16, 32, 64, 128)),
     )
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain JSON-able data (what a Snakemake rule receives through ``params:``)."""
@@ -322,6 +361,27 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     _require(0 <= t.decay_start <= 1, where, "training.decay_start", "between 0 and 1", t.decay_start)
     _require(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), where, "training.adam_betas",
              "two numbers in [0, 1)", t.adam_betas)
+    for key in ("warmup_steps", "dead_tokens", "buffer_tokens", "log_every", "checkpoint_every"):
+        _require(getattr(t, key) >= (0 if key == "warmup_steps" else 1), where, f"training.{key}",
+                 ">= 0" if key == "warmup_steps" else ">= 1", getattr(t, key))
+    for key in ("auxk_coef", "l1_coef", "l1_adapt_rate", "l0_coef"):
+        _require(getattr(t, key) >= 0, where, f"training.{key}", ">= 0", getattr(t, key))
+    for key in ("jumprelu_bandwidth", "jumprelu_init_threshold", "adam_eps"):
+        _require(getattr(t, key) > 0, where, f"training.{key}", "> 0", getattr(t, key))
+    _require(t.k_aux is None or t.k_aux >= 1, where, "training.k_aux", ">= 1 or null", t.k_aux)
+    _require(0 <= t.batchtopk_threshold_beta < 1, where, "training.batchtopk_threshold_beta", "in [0, 1)",
+             t.batchtopk_threshold_beta)
+    dc, an = cfg.decomposition, cfg.analysis
+    eval_rows = h.eval_contexts * (h.context_size - h.min_pos)
+    _require(1 <= dc.fit_tokens < eval_rows, where, "decomposition.fit_tokens",
+             f"between 1 and the eval rows - 1 ({eval_rows - 1} = eval_contexts x (context_size - min_pos) - 1)",
+             dc.fit_tokens)
+    _require(dc.ridge >= 0, where, "decomposition.ridge", ">= 0", dc.ridge)
+    for i, name in enumerate(an.names):
+        _require(re.fullmatch(r"[a-z_][a-z0-9_]*", name) is not None, where, f"analysis.names[{i}]",
+                 "a module name in analyses/", name)
+    _require(an.bootstrap >= 0, where, "analysis.bootstrap", ">= 0", an.bootstrap)
+    _require(0 < an.confidence < 1, where, "analysis.confidence", "strictly between 0 and 1", an.confidence)
     names = [f.name for f in cfg.families]
     _require(len(set(names)) == len(names), where, "families", "families with distinct names", names)
     for i, fam in enumerate(cfg.families):
@@ -331,6 +391,10 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
                  "a non-empty list of integers >= 1", fam.widths)
         _require(len(fam.ks) > 0 and all(k >= 1 for k in fam.ks), where, f"{p}.ks",
                  "a non-empty list of integers >= 1", fam.ks)
+        # TopK selection is not invariant to per-latent decoder norms, so they cannot be folded at save time
+        _require(t.normalize_decoder or fam.architecture not in ("topk", "batchtopk") or fam.source is not None,
+                 where, "training.normalize_decoder", f"true while family {fam.name!r} is {fam.architecture}",
+                 t.normalize_decoder)
         for w in fam.widths:
             for k in fam.ks:
                 _require(k <= w, where, f"{p}.ks", f"values <= every width (k={k} > width {w})", fam.ks)
