@@ -14,9 +14,15 @@ EXP = load_config(data=config)  # a typo or an impossible value fails here, in a
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/sae.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/decompose.smk"
+include: "workflow/rules/analyses.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
-        expand(f"{RESULTS}/activations/{{split}}", split=("train", "eval")),
+        METRICS,
+        rules.render_report.output,

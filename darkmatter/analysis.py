@@ -67,6 +67,12 @@ class AnalysisContext:
         return connect(self.db)
 
 
+def module_name(module: ModuleType) -> str:
+    """``error_predictability`` for ``analyses.error_predictability``, also when run as ``__main__``."""
+    full = module.__spec__.name if module.__name__ == "__main__" and module.__spec__ else module.__name__
+    return full.rsplit(".", 1)[-1]
+
+
 def question(module: ModuleType) -> str:
     return (inspect.getdoc(module) or "").strip().splitlines()[0]
 
@@ -90,7 +96,7 @@ def run(module: ModuleType, ctx: AnalysisContext, out: Path) -> Path:
     table = module.compute(ctx)
     summary = module.summarize(table)
     figures = module.plot(table)
-    name = module.__name__.rsplit(".", 1)[-1]
+    name = module_name(module)
     with atomic_dir(out) as tmp:
         table.write_parquet(tmp / "table.parquet")
         write_json(tmp / "summary.json", summary)

@@ -12,8 +12,10 @@ with LinearError(x) = x·b* + c (the fitted map of ``darkmatter.decompose``) and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -105,7 +107,7 @@ def summarize_ce(per_token: pl.DataFrame) -> pl.DataFrame:
     for sae_id in sorted(set(means["sae_id"]) - {""}):
         per = {r["condition"]: r for r in means.filter(pl.col("sae_id") == sae_id).iter_rows(named=True)}
         row = {"sae_id": sae_id}
-        for cond, r in {**glob, **per}.items():
+        for cond, r in sorted({**glob, **per}.items()):
             name = cond.replace("+", "_")
             row[f"ce_{name}"] = r["ce"]
             row[f"kl_{name}"] = r["kl"]
@@ -115,3 +117,34 @@ def summarize_ce(per_token: pl.DataFrame) -> pl.DataFrame:
         row["ce_loss_score"] = ce_loss_score(row["ce_zero"], row["ce_sae"], row["ce_clean"])
         rows.append(row)
     return pl.DataFrame(rows)
+
+
+def measure_ce_to_folder(model_path: str, corpus: Path, activations: Path, hook: str, sae_dirs: Sequence[str],
+                         error_dirs: Sequence[str], out: Path, params: dict) -> None:
+    """The ``measure_ce`` step: load the model, SAEs and linear maps; write token_ce.parquet + summary.parquet."""
+    from safetensors.torch import load_file
+
+    from darkmatter.activations import ActivationStore
+    from darkmatter.io import atomic_dir
+    from darkmatter.models import load_model
+    from darkmatter.provenance import write_provenance
+    from darkmatter.sae_formats import load_any
+
+    started = time.time()
+    model, _ = load_model(model_path)
+    tokens = np.load(Path(corpus) / "eval_tokens.npy")
+    x = ActivationStore(activations).activations(hook)
+    # Mean ablation uses the eval mean of x over the scored positions (float64 sum of a memmap, chunked).
+    mean = torch.from_numpy((sum(np.asarray(x[i : i + 65536], np.float64).sum(0)
+                                 for i in range(0, len(x), 65536)) / len(x)).astype(np.float32))
+    saes = {}
+    for sae_dir, err_dir in zip(sae_dirs, error_dirs, strict=True):
+        sae, lin = load_any(sae_dir), load_file(str(Path(err_dir) / "linear_map.safetensors"))
+        saes[Path(sae_dir).name] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
+    contexts = context_subset(len(tokens), params["analysis"]["ce_contexts"])
+    table = measure_ce(model, tokens, contexts, hook, params["harvest"]["min_pos"], saes, mean)
+    with atomic_dir(out) as tmp:
+        table.write_parquet(tmp / "token_ce.parquet")
+        summarize_ce(table).write_parquet(tmp / "summary.parquet")
+        write_provenance(tmp, params, started=started)
+    log.info("CE on %d contexts for %d SAEs in %.0f s", len(contexts), len(saes), time.time() - started)

@@ -105,6 +105,93 @@ def cmd_harvest(args: argparse.Namespace) -> None:
     log.info("harvested %d tokens in %.1f s (%.0f tok/s)", n_tok, time.time() - t0, n_tok / (time.time() - t0))
 
 
+def cmd_train_sae(args: argparse.Namespace) -> None:
+    from darkmatter.activations import ActivationStore
+    from darkmatter.config import ConfigError, SaeTrainingConfig, from_dict
+    from darkmatter.families import parse_sae_id
+    from darkmatter.train import train_to_folder
+
+    params = json.loads(args.params)
+    cfg = from_dict(SaeTrainingConfig, params["training"], "params.training")
+    try:
+        spec = parse_sae_id(args.sae_id)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    store = ActivationStore(args.activations)
+    model_name = read_json(args.model).get("name")
+    context = {"model_name": model_name, "hook_name": args.hook, "context_size": store.meta["context_size"]}
+    # SAELens keeps these at the top level (pre-6) and under metadata (6.x); positions < min_pos never trained on
+    sae_cfg = context | {"metadata": context | {"prepend_bos": True, "seqpos_slice": [store.meta["min_pos"], None]}}
+    train_to_folder(store.activations(args.hook), spec, cfg, Path(args.out), sae_cfg=sae_cfg,
+                    params=params | {"sae_id": args.sae_id, "hook": args.hook})
+
+
+def cmd_evaluate_sae(args: argparse.Namespace) -> None:
+    from darkmatter.evaluate import EvaluationError, evaluate_to_file
+    from darkmatter.sae_formats import SaeFormatError
+
+    try:
+        evaluate_to_file(args.sae, args.activations, args.hook, args.out, params=json.loads(args.params),
+                         chunk_tokens=args.chunk_tokens)
+    except (SaeFormatError, EvaluationError, KeyError) as e:  # bad input: one line, no traceback
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_render_report(args: argparse.Namespace) -> None:
+    from darkmatter.report import render_report
+    from darkmatter.report_browser import BrowserLimits
+
+    # Only the limits given on the command line; the rest keep BrowserLimits' documented defaults.
+    given = {k: getattr(args, k) for k in ("max_contexts", "top_k", "contexts_per_page")
+             if getattr(args, k) is not None}
+    db = Path(args.db)
+    render_report(Path(args.results) if args.results else db.parent, db, args.analyses,
+                  json.loads(args.params), Path(args.out), BrowserLimits(**given))
+
+
+def cmd_measure_errors(args: argparse.Namespace) -> None:
+    from darkmatter.config import DecompositionConfig, from_dict
+    from darkmatter.measure import measure_errors
+
+    params = json.loads(args.params)
+    cfg = from_dict(DecompositionConfig, params["decomposition"], "params.decomposition")
+    measure_errors(args.sae, args.activations, args.hook, Path(args.out), cfg, params=params)
+
+
+def cmd_measure_ce(args: argparse.Namespace) -> None:
+    from darkmatter.ce import measure_ce_to_folder
+
+    params = json.loads(args.params)
+    measure_ce_to_folder(read_json(args.model)["path"], Path(args.corpus), Path(args.activations), args.hook,
+                         args.saes, args.errors, Path(args.out), params)
+
+
+def cmd_build_database(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from darkmatter.activations import ActivationStore
+    from darkmatter.config import load_config
+    from darkmatter.families import expand_families
+    from darkmatter.models import load_tokenizer
+    from darkmatter.store import build_database
+    from darkmatter.tables import saes_table, tokens_table
+
+    cfg = load_config(data=json.loads(args.params))
+    results = Path(args.results)
+    members = expand_families(cfg)
+    tokens = tokens_table(ActivationStore(results / "activations" / "eval"), results / "corpus" / "eval_contexts.parquet",
+                          load_tokenizer(read_json(results / "model" / "model.json")["path"]))
+    ce = results / "ce"
+    ce_summary = pl.read_parquet(ce / "summary.parquet") if (ce / "summary.parquet").is_file() else None
+    saes = saes_table(members, [results / "metrics" / f"{m.path}.json" for m in members],
+                      [results / "errors" / m.path / "summary.json" for m in members], cfg.training.tokens,
+                      ce_summary)
+    token_ce = pl.read_parquet(ce / "token_ce.parquet") if (ce / "token_ce.parquet").is_file() else None
+    build_database(args.out, tokens, saes, [results / "errors" / m.path / "token_errors.parquet" for m in members],
+                   token_ce)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m darkmatter.cli")
@@ -124,6 +211,47 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpus", required=True)
     p.add_argument("--split", choices=("train", "eval"), required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("train-sae", help="train one SAE (an sae_id) on the train split's activations")
+    p.add_argument("--params", required=True, help="JSON with the 'training' section")
+    p.add_argument("--activations", required=True, help="the train activation store folder")
+    p.add_argument("--model", required=True, help="model.json (for the SAE's model_name)")
+    p.add_argument("--hook", required=True)
+    p.add_argument("--sae-id", required=True, help="e.g. topk-w8192-k32-s0 (darkmatter.families)")
+    p.add_argument("--out", required=True, help="the SAE folder to write (SAELens layout + train log)")
+    p = sub.add_parser("evaluate-sae", help="reconstruction and sparsity metrics of one SAE on the eval split")
+    p.add_argument("--params", required=True)
+    p.add_argument("--sae", required=True, help="an SAE folder or file in any supported format")
+    p.add_argument("--activations", required=True, help="the eval activation store folder")
+    p.add_argument("--hook", required=True)
+    p.add_argument("--out", required=True, help="metrics JSON to write")
+    p.add_argument("--chunk-tokens", type=int, default=None)
+    p = sub.add_parser("render-report", help="assemble reports/<exp>/index.html and browser.html beside it")
+    p.add_argument("--params", required=True, help="JSON: the experiment config (its sections as plain data)")
+    p.add_argument("--results", default=None, help="the experiment's results folder (default: the db's folder)")
+    p.add_argument("--db", required=True, help="the experiment's DuckDB store")
+    p.add_argument("--analyses", nargs="*", default=[], help="analysis names, in report order")
+    p.add_argument("--out", required=True, help="the report to write, reports/<exp>/index.html")
+    for flag in ("--max-contexts", "--top-k", "--contexts-per-page"):
+        p.add_argument(flag, type=int, default=None, help="token-browser limit (darkmatter.report_browser)")
+    p = sub.add_parser("measure-errors", help="x_hat, the linear error map b* and per-token errors of one SAE")
+    p.add_argument("--params", required=True)
+    p.add_argument("--sae", required=True)
+    p.add_argument("--activations", required=True)
+    p.add_argument("--hook", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("measure-ce", help="CE and KL with every SAE's parts spliced in, on a subset of contexts")
+    p.add_argument("--params", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--activations", required=True)
+    p.add_argument("--hook", required=True)
+    p.add_argument("--saes", nargs="+", required=True)
+    p.add_argument("--errors", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("build-database", help="the experiment's DuckDB store (the only writer)")
+    p.add_argument("--params", required=True, help="the whole experiment config as JSON")
+    p.add_argument("--results", required=True)
+    p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     _set_threads(args.threads)
     handler = {
@@ -131,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         "prepare-model": cmd_prepare_model,
         "prepare-corpus": cmd_prepare_corpus,
         "harvest": cmd_harvest,
+        "train-sae": cmd_train_sae,
+        "render-report": cmd_render_report,
+        "evaluate-sae": cmd_evaluate_sae,
+        "measure-errors": cmd_measure_errors,
+        "measure-ce": cmd_measure_ce,
+        "build-database": cmd_build_database,
     }[args.command]
     try:
         handler(args)

@@ -157,6 +157,7 @@ ANALYSES = (
     "norm_baselines",
     "synthetic_validation",
     "probe_mechanism",
+    "ce_contributions",
 )
 
 
@@ -167,6 +168,7 @@ class AnalysisConfig:
     names: tuple[str, ...] = ANALYSES
     bootstrap: int = 200  # bootstrap resamples (over eval contexts) for confidence intervals
     confidence: float = 0.95
+    ce_contexts: int = 12  # eval contexts spliced for CE (every SAE x 3 conditions each; see darkmatter.ce)
 
 
 @dataclass(frozen=True)
@@ -381,6 +383,8 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
         _require(re.fullmatch(r"[a-z_][a-z0-9_]*", name) is not None, where, f"analysis.names[{i}]",
                  "a module name in analyses/", name)
     _require(an.bootstrap >= 0, where, "analysis.bootstrap", ">= 0", an.bootstrap)
+    _require(1 <= an.ce_contexts <= h.eval_contexts, where, "analysis.ce_contexts",
+             f"between 1 and harvest.eval_contexts ({h.eval_contexts})", an.ce_contexts)
     _require(0 < an.confidence < 1, where, "analysis.confidence", "strictly between 0 and 1", an.confidence)
     names = [f.name for f in cfg.families]
     _require(len(set(names)) == len(names), where, "families", "families with distinct names", names)

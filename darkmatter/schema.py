@@ -46,6 +46,9 @@ SAES = (
     Column("dense_fraction", "DOUBLE", "fraction of latents active on more than 10% of eval tokens"),
     Column("cosine_mean", "DOUBLE", "mean cosine(x, x_hat) over eval tokens"),
     Column("nmse_per_token_mean", "DOUBLE", "mean over tokens of ||x - x_hat||^2 / ||x||^2 (not centred)"),
+    Column("ce_loss_score", "DOUBLE",
+           "(CE_zero - CE_sae) / (CE_zero - CE_clean) on the CE contexts (zero-ablation baseline); NULL if not spliced"),
+    Column("kl_sae", "DOUBLE", "mean KL(clean || spliced Sae(x)) per scored token, nats; NULL if not spliced"),
 )
 
 TOKEN_ERRORS = (
@@ -62,7 +65,18 @@ TOKEN_ERRORS = (
     Column("nonlinear_error_norm", "FLOAT", "||NonlinearError(x)|| = ||SaeError(x) - LinearError(x)||"),
 )
 
-TABLES: dict[str, tuple[Column, ...]] = {"tokens": TOKENS, "saes": SAES, "token_errors": TOKEN_ERRORS}
+TOKEN_CE = (
+    Column("sae_id", "VARCHAR", "SAE identifier; '' for SAE-independent conditions (clean, zero, mean)"),
+    Column("condition", "VARCHAR", "clean | zero | mean | sae | sae+linear | sae+nonlinear (what replaced x at the hook)"),
+    Column("context", "INTEGER", "eval context (joins tokens.context)"),
+    Column("position", "INTEGER", "position whose next-token prediction is scored (>= min_pos)"),
+    Column("ce", "FLOAT", "next-token cross-entropy with the replacement spliced in, nats"),
+    Column("kl", "FLOAT", "KL(clean || spliced) of the next-token distribution, nats"),
+)
+
+TABLES: dict[str, tuple[Column, ...]] = {
+    "tokens": TOKENS, "saes": SAES, "token_errors": TOKEN_ERRORS, "token_ce": TOKEN_CE,
+}
 
 VIEWS: dict[str, tuple[str, str]] = {
     "token_errors_in_context": (

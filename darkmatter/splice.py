@@ -123,9 +123,11 @@ def mean_ablation(mean: Tensor) -> Replacement:
 
 def percent_recovered(l_sae: float, l_setting: float, l_clean: float) -> float:
     """100·(L_sae − L_setting)/(L_sae − L_clean): the share of the SAE's CE gap a setting closes (SCIENCE §3.9)."""
-    return 100.0 * (l_sae - l_setting) / (l_sae - l_clean)
+    gap = l_sae - l_clean
+    return 100.0 * (l_sae - l_setting) / gap if gap != 0 else float("nan")
 
 
 def ce_loss_score(l_zero: float, l_sae: float, l_clean: float) -> float:
     """The ecosystem's CE-loss score (zero-ablation baseline): (L_zero − L_sae)/(L_zero − L_clean)."""
-    return (l_zero - l_sae) / (l_zero - l_clean)
+    gap = l_zero - l_clean
+    return (l_zero - l_sae) / gap if gap != 0 else float("nan")

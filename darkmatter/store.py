@@ -35,13 +35,14 @@ def _literal(text: str) -> str:
 
 
 def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
-                   token_error_shards: Sequence[str | Path]) -> Path:
-    """Create the DuckDB file at ``path`` from the token table, the SAE table and per-SAE Parquet shards."""
+                   token_error_shards: Sequence[str | Path], token_ce: pl.DataFrame | None = None) -> Path:
+    """Create the DuckDB file at ``path`` from the token and SAE tables, per-SAE Parquet shards and CE rows."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    tokens = _check_columns("tokens", tokens)
-    saes = _check_columns("saes", saes)
+    frames = {"tokens": _check_columns("tokens", tokens), "saes": _check_columns("saes", saes)}
+    if token_ce is not None:
+        frames["token_ce"] = _check_columns("token_ce", token_ce)
     cols = ", ".join(c.name for c in TABLES["token_errors"])
     try:
         with duckdb.connect(str(tmp)) as con:
@@ -49,10 +50,9 @@ def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
                 con.execute(create_table_sql(name))
                 for c in TABLES[name]:
                     con.execute(f"COMMENT ON COLUMN {name}.{c.name} IS {_literal(c.doc)}")
-            con.register("tokens_frame", tokens.to_arrow())
-            con.execute("INSERT INTO tokens SELECT * FROM tokens_frame")
-            con.register("saes_frame", saes.to_arrow())
-            con.execute("INSERT INTO saes SELECT * FROM saes_frame")
+            for name, frame in frames.items():
+                con.register(f"{name}_frame", frame.to_arrow())
+                con.execute(f"INSERT INTO {name} SELECT * FROM {name}_frame")
             if token_error_shards:
                 files = [str(p) for p in token_error_shards]
                 con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])

@@ -2,6 +2,8 @@
 import json
 import sys
 
+from darkmatter.config import to_dict
+
 RESULTS = f"results/{EXP.name}"
 PY = sys.executable
 

@@ -1,0 +1,212 @@
+"""Is the nonlinear part of the SAE error responsible for its share of the downstream loss increase?
+
+From the spliced per-token CE and KL of the store (x replaced at the hook, positions ≥ min_pos, by Sae(x),
+Sae(x) + LinearError, Sae(x) + NonlinearError), the % of each SAE's CE gap recovered by adding back each error part,
+100·(L_sae − L_setting)/(L_sae − L_clean), is set beside that part's share of error variance (FVU_part/FVU) and of the
+summed squared error norm, with the zero-ablation CE-loss score and KL; every CE number carries a seeded percentile
+bootstrap interval over eval contexts, resampled jointly for all conditions and SAEs (they share the contexts).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import numpy as np
+import polars as pl
+
+from analyses._common import confidence, family_name, family_saes, n_bootstrap, note_figure
+from darkmatter.analysis import AnalysisContext, run_cli
+from darkmatter.ce import summarize_ce
+
+log = logging.getLogger(__name__)
+
+PAPER_CLAIM = ("The nonlinear error is responsible for a proportional share of the CE increase: adding it back "
+               "recovers about as much of the SAE's CE gap as its share of the error variance.")
+
+CONDITIONS = ("sae", "sae_linear", "sae_nonlinear")  # summarize_ce's column suffixes
+BOOTSTRAPPED = ["ce_clean", "ce_zero", *[f"{q}_{c}" for q in ("ce", "kl", "ce_increase") for c in CONDITIONS],
+                "percent_recovered_linear", "percent_recovered_nonlinear", "ce_loss_score"]
+PARTS = ("linear", "nonlinear")
+LEADING = ["sae_id", "width", "k", "percent_recovered_linear", "percent_recovered_nonlinear", "variance_share_linear_pct",
+           "variance_share_nonlinear_pct", "ce_loss_score", "ce_increase_sae", "kl_sae"]  # what the report shows first
+NO_DATA = "the store has no spliced CE (token_ce is missing or empty): run the CE stage"
+
+
+def _token_ce(ctx: AnalysisContext) -> pl.DataFrame:
+    with ctx.connect() as con:
+        found = con.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'token_ce'").fetchall()
+        if not found[0][0]:  # a store built before the CE stage existed
+            return pl.DataFrame()
+        return con.sql("SELECT sae_id, condition, context, ce, kl FROM token_ce").pl()
+
+
+def with_increases(summary: pl.DataFrame) -> pl.DataFrame:
+    """Add ce_increase_<condition> = L_condition − L_clean (nats): differences on the same contexts, whose
+    paired intervals are far tighter than those of the two CEs (context difficulty cancels)."""
+    return summary.with_columns((pl.col(f"ce_{c}") - pl.col("ce_clean")).alias(f"ce_increase_{c}")
+                                for c in CONDITIONS)
+
+
+def bootstrap_ce(per_token: pl.DataFrame, n_boot: int, level: float, seed: int) -> pl.DataFrame:
+    """Percentile intervals of every number of :func:`darkmatter.ce.summarize_ce`, resampling eval contexts.
+
+    Per (sae_id, condition) the sums of ce and kl and the token counts per context form matrices S [K, C], N [K, C];
+    a resample draws C contexts with replacement (multiplicities w [C], ``np.random.default_rng(seed)``), so its
+    token means are S·w / N·w, and summarize_ce turns them into % recovered and CE score. Columns:
+    sae_id, <name>_ci_low, <name>_ci_high for each name in BOOTSTRAPPED.
+    """
+    per_ctx = per_token.group_by("sae_id", "condition", "context").agg(
+        pl.col("ce").cast(pl.Float64).sum(), pl.col("kl").cast(pl.Float64).sum(), pl.len().alias("n"))
+    keys = per_ctx.select("sae_id", "condition").unique().sort("sae_id", "condition").with_row_index("key")
+    contexts = per_ctx.select("context").unique().sort("context").with_row_index("c")
+    per_ctx = per_ctx.join(keys, on=["sae_id", "condition"]).join(contexts, on="context")
+    shape = (keys.height, contexts.height)
+    sums = {name: np.zeros(shape) for name in ("ce", "kl", "n")}
+    for name, mat in sums.items():
+        mat[per_ctx["key"].to_numpy(), per_ctx["c"].to_numpy()] = per_ctx[name].to_numpy()
+    weights = np.random.default_rng(seed).multinomial(shape[1], np.full(shape[1], 1 / shape[1]), size=n_boot)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a key absent from every drawn context: NaN
+        ce, kl = (sums[name] @ weights.T / (sums["n"] @ weights.T) for name in ("ce", "kl"))  # [K, B]
+    # summarize_ce on the K means of each resample, so % recovered and the CE score keep one definition
+    draws = [summarize_ce(keys.with_columns(ce=pl.Series(ce[:, b]), kl=pl.Series(kl[:, b]))) for b in range(n_boot)]
+    tails = [(1 - level) / 2, (1 + level) / 2]
+    stacked = with_increases(pl.concat(draws, how="diagonal"))  # diagonal: summarize_ce's column order varies between calls
+    return stacked.group_by("sae_id").agg(
+        *[pl.col(name).quantile(q, interpolation="linear").alias(f"{name}_ci_{side}")
+          for name in BOOTSTRAPPED for q, side in zip(tails, ("low", "high"), strict=True)])
+
+
+def compute(ctx: AnalysisContext) -> pl.DataFrame:
+    """One row per spliced SAE: CE per condition, % recovered per error part, its shares of the error, CIs."""
+    per_token = _token_ce(ctx)
+    if per_token.is_empty():
+        return pl.DataFrame({"sae_id": [], "note": []}, schema={"sae_id": pl.Utf8, "note": pl.Utf8})
+    level, n_boot = confidence(ctx), n_bootstrap(ctx)
+    table = with_increases(summarize_ce(per_token))
+    if n_boot > 0:
+        table = table.join(bootstrap_ce(per_token, n_boot, level, ctx.seed), on="sae_id", how="left")
+    width_fam, k_fam = family_name(ctx, "width"), family_name(ctx, "k")
+    saes = family_saes(ctx).select(
+        "sae_id", "architecture", "width", "k", "families",
+        *[(100 * pl.col(f"fvu_{p}") / pl.col("fvu")).alias(f"variance_share_{p}_pct") for p in PARTS],
+        pl.col("families").str.split(",").list.contains(width_fam).alias("in_width_family"),
+        pl.col("families").str.split(",").list.contains(k_fam).alias("in_k_family"))
+    with ctx.connect() as con:
+        shares = con.sql("SELECT sae_id, " + ", ".join(f"100 * {p}_share_of_sq_norm AS sq_norm_share_{p}_pct"
+                                                       for p in PARTS) + " FROM sae_error_shares").pl()
+    n_ctx = per_token["context"].n_unique()
+    n_tok = per_token.filter(pl.col("condition") == "clean").height
+    return (saes.join(table, on="sae_id", how="inner").join(shares, on="sae_id", how="left")
+            .with_columns(n_contexts=pl.lit(n_ctx), n_tokens=pl.lit(n_tok), bootstrap=pl.lit(n_boot),
+                          confidence=pl.lit(level))
+            .sort("architecture", "k", "width")
+            .select(*LEADING, pl.exclude(LEADING)))
+
+
+def _mean(table: pl.DataFrame, name: str) -> float:
+    col = table[name].cast(pl.Float64).drop_nulls().drop_nans()
+    return float(col.mean()) if len(col) else math.nan  # type: ignore[arg-type]
+
+
+def summarize(table: pl.DataFrame) -> dict[str, float | str]:
+    """Mean % recovered and variance share per error part, their ratio, CE score and KL over the spliced SAEs."""
+    if table.is_empty() or "ce_sae" not in table.columns:
+        return {"n_saes": 0, "note": NO_DATA}
+    # ≈ 1 when the nonlinear error's CE effect is proportional to its share of the error variance
+    ratio = (table["percent_recovered_nonlinear"] / table["variance_share_nonlinear_pct"]).drop_nulls().drop_nans()
+    return {
+        "n_saes": table.height, "n_contexts": int(table["n_contexts"][0]),
+        "n_tokens_per_condition": int(table["n_tokens"][0]), "bootstrap": int(table["bootstrap"][0]),
+        "confidence": float(table["confidence"][0]),
+        "ce_clean_nats": float(table["ce_clean"][0]), "ce_zero_nats": float(table["ce_zero"][0]),
+        "ce_sae_mean_nats": _mean(table, "ce_sae"), "kl_sae_mean_nats": _mean(table, "kl_sae"),
+        "ce_loss_score_median": float(table["ce_loss_score"].median()),  # type: ignore[arg-type]
+        **{f"percent_recovered_{p}_mean_pct": _mean(table, f"percent_recovered_{p}") for p in PARTS},
+        **{f"variance_share_{p}_mean_pct": _mean(table, f"variance_share_{p}_pct") for p in PARTS},
+        **{f"sq_norm_share_{p}_mean_pct": _mean(table, f"sq_norm_share_{p}_pct") for p in PARTS},
+        "nonlinear_recovered_over_variance_share_median": float(ratio.median()) if len(ratio) else math.nan,  # type: ignore[arg-type]
+    }
+
+
+def _panels(table: pl.DataFrame) -> list[tuple[str, str, pl.DataFrame]]:
+    """(title, x column, rows) for the width sweep and the k sweep; all SAEs when neither family is known."""
+    out = []
+    for flag, by, title in (("in_width_family", "width", "width sweep"), ("in_k_family", "k", "k sweep")):
+        part = table.filter(pl.col(flag)).sort(by)
+        if part.height:
+            fixed = "k" if by == "width" else "width"
+            out.append((f"{title} ({fixed}={part[fixed][0]})", by, part))
+    return out or [("all spliced SAEs", "width", table.sort("k", "width"))]
+
+
+def _errorbars(part: pl.DataFrame, name: str) -> np.ndarray | None:
+    """Asymmetric error bars [2, n] from the bootstrap interval (None without a bootstrap)."""
+    if f"{name}_ci_low" not in part.columns:
+        return None
+    value = part[name].to_numpy()
+    return np.abs(np.vstack([value - part[f"{name}_ci_low"].to_numpy(), part[f"{name}_ci_high"].to_numpy() - value]))
+
+
+def _recovered_figure(table: pl.DataFrame):
+    import matplotlib.pyplot as plt
+
+    from darkmatter.plots import PALETTE
+
+    panels = _panels(table)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
+    bars = [(f"percent_recovered_{p}", f"CE gap recovered by adding {p} error", PALETTE[f"{p} error"], None)
+            for p in PARTS] + [(f"variance_share_{p}_pct", f"{p} share of error variance", PALETTE[f"{p} error"], "//")
+                               for p in PARTS]
+    order = [bars[0], bars[2], bars[1], bars[3]]  # each part's CE effect next to its variance share
+    for ax, (title, by, part) in zip(axes[0], panels, strict=True):
+        x, step = np.arange(part.height), 0.2
+        for i, (name, label, colour, hatch) in enumerate(order):
+            ax.bar(x - 0.4 + (i + 0.5) * step, part[name].fill_null(math.nan), step, yerr=_errorbars(part, name),
+                   color=colour if hatch is None else "white", edgecolor=colour, hatch=hatch, label=label,
+                   capsize=2, error_kw={"lw": 0.8})
+        ax.set_xticks(x, [str(v) for v in part[by]])
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set(xlabel=by, ylabel="%", title=title)
+    axes[0][0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.suptitle("% of the SAE's CE gap recovered by each error part vs its share of error variance")
+    fig.tight_layout()
+    return fig
+
+
+def _ce_figure(table: pl.DataFrame):
+    import matplotlib.pyplot as plt
+
+    from darkmatter.plots import PALETTE
+
+    panels = _panels(table)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.0), squeeze=False, sharey=True)
+    lines = [("ce_increase_sae", "Sae(x)", PALETTE["total"]),
+             ("ce_increase_sae_linear", "Sae(x) + LinearError", PALETTE["linear error"]),
+             ("ce_increase_sae_nonlinear", "Sae(x) + NonlinearError", PALETTE["nonlinear error"])]
+    for ax, (title, by, part) in zip(axes[0], panels, strict=True):
+        x = np.log2(part[by].to_numpy().astype(float))
+        for name, label, colour in lines:
+            ax.errorbar(x, part[name], yerr=_errorbars(part, name), color=colour, marker="o", capsize=3, label=label)
+        ax.axhline(0, color="grey", ls="--", lw=1, label=f"clean ({part['ce_clean'][0]:.3f} nats)")
+        ax.set_xticks(x, [str(v) for v in part[by]])
+        ax.set(xlabel=f"{by} (log scale)", ylabel="CE increase over clean (nats/token)", title=title)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot(table: pl.DataFrame) -> dict[str, object]:
+    """The paper-style grouped bars (% recovered vs variance share) and CE per condition, with bootstrap CIs."""
+    if table.is_empty() or "ce_sae" not in table.columns:
+        return {"recovered_vs_share": note_figure("CE contributions", NO_DATA)}
+    return {"recovered_vs_share": _recovered_figure(table), "ce_loss": _ce_figure(table)}
+
+
+def main() -> None:
+    run_cli(sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    main()

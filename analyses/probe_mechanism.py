@@ -1,0 +1,164 @@
+"""Does the linear probe for ‖Sae(x) − b_dec‖² read each latent's typical activation off its decoder direction?
+
+a* = least squares of ‖Sae(x) − b_dec‖² on Sae(x) − b_dec (no intercept, as in the derivation below) on the fit
+split of a token subsample; for every latent active on enough subsample tokens, W_dec[i]·a* is compared with the
+latent's mean activation when active by Pearson and Spearman correlation over latents and by a running mean over
+latents sorted by that activation — for the chosen SAE and, in the table, every SAE.
+
+Why they should track (Engels et al.): if Sae(x) − b_dec = Σ_i f_i·d_i with nearly orthogonal decoder rows d_i and
+f_i ≈ μ_i whenever latent i is active, then ‖Sae(x) − b_dec‖² ≈ Σ_i f_i²‖d_i‖² ≈ Σ_i μ_i f_i ‖d_i‖²
+= ⟨Σ_i μ_i d_i, Sae(x) − b_dec⟩, so a* ≈ Σ_i μ_i d_i and d_i·a* ≈ μ_i‖d_i‖² (= μ_i for unit-norm decoders).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import numpy as np
+import polars as pl
+from scipy import stats
+
+from analyses._common import choose_sae, decomposition, family_saes, note_figure, options
+from analyses._eval import encode_rows, subsample
+from darkmatter.analysis import AnalysisContext, run_cli
+from darkmatter.regression import heldout_r2
+from darkmatter.sae_formats import load_any
+
+log = logging.getLogger(__name__)
+
+PAPER_CLAIM = ("The projection W_dec[i]·a* of the ‖Sae(x) − b_dec‖² probe onto each latent's decoder direction "
+               "tracks that latent's mean activation when active.")
+
+DEFAULTS = {"sae_id": None, "tokens": 20_000, "all_saes": True, "intercept": False, "min_fires": 5}
+
+
+def probe_table(ctx: AnalysisContext, sae: dict, x: np.ndarray, x_hat: np.ndarray, opts: dict,
+                eval_rows: int) -> pl.DataFrame:
+    """Per latent of one SAE (x, x_hat: the subsample's rows [n, d] float32; eval_rows: the eval split's size, for
+    the protocol's fit fraction): activation statistics and d_i·a*."""
+    dc = decomposition(ctx)
+    model = load_any(ctx.sae_folder(sae["hook"], sae["sae_id"]))
+    centred = x_hat.astype(np.float64) - model.b_dec.detach().double().numpy()
+    norm_sq = np.einsum("ij,ij->i", centred, centred)
+    n = x.shape[0]
+    fit_n = min(max(round(n * dc.fit_tokens / eval_rows), x.shape[1] + 1), n - 1)
+    probe = heldout_r2(centred, norm_sq, fit_tokens=fit_n, seed=dc.seed, intercept=bool(opts["intercept"]),
+                       ridge=dc.ridge)
+    _, latents = encode_rows(model, x)
+    W_dec = model.W_dec.detach().double().numpy()
+    return pl.DataFrame({
+        "sae_id": sae["sae_id"], "hook": sae["hook"], "width": sae["width"], "k": sae["k"],
+        "latent": np.arange(model.d_sae), "fire_count": latents.fire_count,
+        "mean_activation_when_active": latents.mean_when_active, "decoder_norm_sq": np.einsum("ij,ij->i", W_dec, W_dec),
+        "probe_projection": W_dec @ probe.fit.coef[:, 0], "used": latents.fire_count >= opts["min_fires"],
+        "probe_r2_heldout": probe.r2.r2_pooled, "tokens": n, "intercept": bool(opts["intercept"]),
+    })
+
+
+def compute(ctx: AnalysisContext) -> pl.DataFrame:
+    """One row per latent of each studied SAE; ``default`` marks the chosen SAE."""
+    opts = options(ctx, "probe_mechanism", DEFAULTS)
+    saes = family_saes(ctx)
+    chosen = choose_sae(ctx, saes, opts["sae_id"])
+    if not opts["all_saes"]:
+        saes = saes.filter(pl.col("sae_id") == chosen["sae_id"])
+    store, parts = ctx.eval_store(), []
+    for (hook,), group in saes.group_by("hook", maintain_order=True):
+        x_all = store.activations(hook)
+        rows = subsample(x_all.shape[0], int(opts["tokens"]), ctx.seed)
+        x = np.asarray(x_all[rows], dtype=np.float32)
+        for sae in group.iter_rows(named=True):
+            x_hat = np.asarray(np.load(ctx.errors_folder(hook, sae["sae_id"]) / "x_hat.npy", mmap_mode="r")[rows])
+            parts.append(probe_table(ctx, sae, x, x_hat, opts, x_all.shape[0]))
+            log.info("%s: probe R² %.3f", sae["sae_id"], parts[-1]["probe_r2_heldout"][0])
+    table = pl.concat(parts)
+    return table.with_columns(default=pl.col("sae_id") == chosen["sae_id"])
+
+
+def tracking(part: pl.DataFrame) -> dict[str, float]:
+    """Pearson and Spearman r between W_dec[i]·a* and mean activation when active, over the used latents."""
+    used = part.filter(pl.col("used"))
+    a, b = used["mean_activation_when_active"].to_numpy(), used["probe_projection"].to_numpy()
+    if used.height < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"pearson": math.nan, "spearman": math.nan, "latents": used.height}
+    return {"pearson": float(stats.pearsonr(a, b)[0]), "spearman": float(stats.spearmanr(a, b)[0]),
+            "latents": used.height}
+
+
+def per_sae(table: pl.DataFrame) -> pl.DataFrame:
+    """One row per SAE: width, k, probe R² and the two tracking correlations."""
+    rows = []
+    for (sae_id,), part in table.group_by("sae_id", maintain_order=True):
+        rows.append({"sae_id": sae_id, "width": part["width"][0], "k": part["k"][0],
+                     "probe_r2_heldout": part["probe_r2_heldout"][0]} | tracking(part))
+    return pl.DataFrame(rows)
+
+
+def _median(values: pl.Series) -> float:
+    """Median ignoring NaN; NaN when nothing is left."""
+    v = values.to_numpy().astype(np.float64)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else math.nan
+
+
+def summarize(table: pl.DataFrame) -> dict[str, float | str]:
+    """The chosen SAE's correlations and probe R², and medians over all studied SAEs."""
+    main = table.filter(pl.col("default"))
+    t = tracking(main)
+    everyone = per_sae(table)
+    return {"sae_id": str(main["sae_id"][0]), "pearson_r": t["pearson"], "spearman_r": t["spearman"],
+            "latents_used": t["latents"], "latents_total": main.height,
+            "probe_r2_heldout": float(main["probe_r2_heldout"][0]),
+            "median_projection_over_mean_activation": _median(
+                main.filter(pl.col("used")).select(pl.col("probe_projection") / pl.col("mean_activation_when_active"))
+                .to_series()),
+            "n_saes": everyone.height, "pearson_r_median_all_saes": _median(everyone["pearson"]),
+            "spearman_r_median_all_saes": _median(everyone["spearman"]),
+            "spearman_r_min_all_saes": float(np.nanmin(everyone["spearman"].to_numpy())),
+            "tokens": int(main["tokens"][0])}
+
+
+def plot(table: pl.DataFrame) -> dict:
+    """Scatter and running mean of W_dec[i]·a* against mean activation when active (chosen SAE); correlations per
+    SAE against width."""
+    from darkmatter.plots import PALETTE, new_figure
+
+    main = table.filter(pl.col("default") & pl.col("used")).sort("mean_activation_when_active")
+    if main.height < 3:
+        return {"probe_tracking": note_figure("Probe mechanism", "fewer than 3 latents were active often enough")}
+    mu, proj = main["mean_activation_when_active"].to_numpy(), main["probe_projection"].to_numpy()
+    window = max(5, main.height // 50)
+    kernel = np.ones(window) / window
+    fig, ax = new_figure()
+    ax.scatter(mu, proj, s=6, alpha=0.35, color=PALETTE["linear error"], label="latents")
+    ax.plot(np.convolve(mu, kernel, "valid"), np.convolve(proj, kernel, "valid"), color=PALETTE["total"], lw=2,
+            label=f"running mean ({window} latents)")
+    lim = [0, float(max(mu.max(), proj.max()))]
+    ax.plot(lim, lim, color="#999999", ls=":", lw=1, label="W_dec[i]·a* = mean activation")
+    t = tracking(table.filter(pl.col("default")))
+    ax.set(xlabel="mean activation when active", ylabel="W_dec[i]·a*",
+           title=f"{main['sae_id'][0]}: Pearson {t['pearson']:.2f}, Spearman {t['spearman']:.2f}")
+    ax.legend(fontsize=8)
+    figures = {"probe_tracking": fig}
+    everyone = per_sae(table).sort("width", "k")
+    if everyone.height > 1:
+        fig2, ax2 = new_figure()
+        pos = np.arange(everyone.height)
+        for col, colour, shift in (("pearson", PALETTE["linear error"], -0.1), ("spearman", PALETTE["total"], 0.1)):
+            ax2.plot(pos + shift, everyone[col], "o", color=colour, label=col)
+        ax2.set_xticks(pos, [f"w{w}\nk{k}" for w, k in zip(everyone["width"], everyone["k"], strict=True)],
+                       fontsize=8)
+        ax2.set(xlabel="SAE (width, k)", ylabel="correlation over latents", title="Tracking, every SAE")
+        ax2.legend(fontsize=8)
+        figures["tracking_by_sae"] = fig2
+    return figures
+
+
+def main() -> None:
+    run_cli(sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""How much of the SAE error disappears as SAEs get wider, and is the floor that remains linear or nonlinear?
+
+FVU_total of the width family at fixed k is fitted as c + a·W^(−m) by nonlinear least squares with t intervals
+(darkmatter.scaling) and stacked as in the paper's Figure 1: absent features (curve − c), linear error
+(c − mean FVU_nonlinear) and nonlinear error (FVU_nonlinear of the stored decomposition). Whether FVU_nonlinear is
+flat is read from the OLS slope of FVU_nonlinear on log2 width and its t interval; with fewer than 4 widths the law
+is not fitted and its numbers are NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import numpy as np
+import polars as pl
+
+from analyses._common import confidence, family_name, family_saes, log2_ticks, note_figure, trend
+from darkmatter.analysis import AnalysisContext, run_cli
+from darkmatter.scaling import fit_power_law, power_law, scaling_decomposition
+
+log = logging.getLogger(__name__)
+
+PAPER_CLAIM = ("FVU_total follows c + a·W^(−m); FVU_nonlinear stays roughly constant as width grows and lies "
+               "under the asymptote c, so the dark matter is partly linearly predictable and partly not.")
+
+MEASURED = ["architecture", "k", "width", "sae_id", "seed", "l0_mean", "fvu", "fvu_nonlinear", "fvu_linear"]
+FIT = ["a", "a_ci_low", "a_ci_high", "c", "c_ci_low", "c_ci_high", "m", "m_ci_low", "m_ci_high", "residual_std"]
+REGIONS = ["fvu_fit", "absent_features", "linear_error", "nonlinear_error"]
+SLOPE = ["fvu_nonlinear_slope_per_doubling", "fvu_nonlinear_slope_ci_low", "fvu_nonlinear_slope_ci_high"]
+
+
+def _fit_group(group: pl.DataFrame, level: float) -> pl.DataFrame:
+    """One fixed-(architecture, k) slice of the width sweep: measured FVUs, the law's fit and Figure-1 regions."""
+    widths = group["width"].to_numpy().astype(np.float64)
+    fvu = group["fvu"].cast(pl.Float64).fill_null(math.nan).to_numpy()
+    nonlinear = group["fvu_nonlinear"].cast(pl.Float64).fill_null(math.nan).to_numpy()
+    cols: dict[str, object] = dict.fromkeys(FIT + REGIONS, math.nan)
+    note = ""
+    try:
+        fit = fit_power_law(widths, fvu, confidence=level, ci="t")
+    except (ValueError, RuntimeError) as e:  # too few widths, non-finite FVU, or no convergence: report, not crash
+        fit, note = None, f"no power-law fit: {e}"
+        log.warning("k=%s: %s", group["k"][0], note)
+    if fit is not None:
+        s = fit.summary()
+        cols.update({key: s[key] for key in FIT})
+        regions = scaling_decomposition(fit, widths, nonlinear)
+        cols.update({"fvu_fit": regions["fvu_total_fit"], "absent_features": regions["absent_features"],
+                     "linear_error": regions["linear_error"], "nonlinear_error": regions["nonlinear_error"]})
+    # Flatness of FVU_nonlinear: slope per doubling of width (log2), with its t interval over the widths.
+    cols.update(dict(zip(SLOPE, trend(np.log2(widths), nonlinear, level), strict=True)))
+    return group.select(MEASURED).with_columns(
+        *[pl.Series(k, np.broadcast_to(np.asarray(v, dtype=np.float64), widths.shape)) for k, v in cols.items()],
+        pl.lit(note).alias("note"),
+    )
+
+
+def compute(ctx: AnalysisContext) -> pl.DataFrame:
+    """One row per SAE of the width family: measured FVUs, the fitted law of its k slice and the regions."""
+    saes = family_saes(ctx, family_name(ctx, "width"))
+    level = confidence(ctx)
+    if saes.is_empty():
+        schema = {c: pl.Float64 for c in MEASURED + FIT + REGIONS + SLOPE} | {
+            "architecture": pl.Utf8, "sae_id": pl.Utf8, "note": pl.Utf8, "primary": pl.Boolean, "confidence": pl.Float64}
+        return pl.DataFrame(schema=schema)
+    saes = saes.with_columns(pl.col("width").cast(pl.Int64), pl.col("k").cast(pl.Int64))
+    groups = saes.partition_by(["architecture", "k"], maintain_order=True)
+    table = pl.concat([_fit_group(g, level) for g in groups], how="vertical_relaxed")
+    # The slice with the most widths is the headline (the config's width family has a single k by default).
+    n_widths = table.group_by("architecture", "k").agg(pl.col("width").n_unique().alias("n"))
+    best = n_widths.sort(["n", "k"], descending=[True, False]).row(0, named=True)
+    primary = (pl.col("architecture") == best["architecture"]) & (pl.col("k") == best["k"])
+    lead = ["width", "k", "fvu", "fvu_nonlinear", "fvu_linear", "fvu_fit", "c", "m"]  # what the report shows first
+    return table.with_columns(primary.alias("primary"), pl.lit(level).alias("confidence")).select(
+        *lead, pl.exclude(lead))
+
+
+def _nonlinear_mean(rows: pl.DataFrame) -> float:
+    """Mean FVU_nonlinear over the widths (NaN when the store has no decomposition for them)."""
+    values = rows["fvu_nonlinear"].cast(pl.Float64).drop_nulls().drop_nans()
+    return float(values.mean()) if len(values) else math.nan  # type: ignore[arg-type]
+
+
+def _verdict(value: float, low: float, high: float, below: str, above: str, inside: str) -> str:
+    if not all(math.isfinite(v) for v in (value, low, high)):
+        return "unknown"
+    return below if high < value else above if low > value else inside
+
+
+def summarize(table: pl.DataFrame) -> dict[str, float | str]:
+    """The law's c and m with intervals, and how FVU_nonlinear sits relative to c (primary k slice)."""
+    main = table.filter(pl.col("primary")) if "primary" in table.columns else table.clear()
+    if main.is_empty():
+        return {"n_widths": 0, "c_fvu": math.nan, "m": math.nan, "note": "no SAEs in the width family"}
+    first = main.row(0, named=True)
+    nl_mean = _nonlinear_mean(main)
+    slope, lo, hi = (first[k] for k in SLOPE)
+    c, c_lo, c_hi = first["c"], first["c_ci_low"], first["c_ci_high"]
+    return {
+        "k": int(first["k"]), "architecture": first["architecture"], "n_widths": main["width"].n_unique(),
+        "confidence": first["confidence"],
+        "c_fvu": c, "c_ci_low_fvu": c_lo, "c_ci_high_fvu": c_hi,
+        "m": first["m"], "m_ci_low": first["m_ci_low"], "m_ci_high": first["m_ci_high"], "a_fvu": first["a"],
+        "fvu_nonlinear_mean": nl_mean,
+        "linear_error_fvu": c - nl_mean,
+        "fvu_nonlinear_slope_per_doubling": slope,
+        "fvu_nonlinear_slope_ci_low": lo, "fvu_nonlinear_slope_ci_high": hi,
+        "fvu_nonlinear_slope_pct_of_mean_per_doubling": 100 * slope / nl_mean if nl_mean > 0 else math.nan,
+        # flat = the slope's interval contains 0
+        "fvu_nonlinear_flat": _verdict(0.0, lo, hi, "no (falls with width)", "no (rises with width)", "yes"),
+        # compared with c's interval, not just its point estimate
+        "fvu_nonlinear_below_c": _verdict(nl_mean, c_lo, c_hi, "no (above c)", "yes", "within the CI of c"),
+        "note": first["note"],
+    }
+
+
+def plot(table: pl.DataFrame) -> dict[str, object]:
+    """The stacked Figure-1 decomposition of the primary k slice, measured points over the fitted curve."""
+    from darkmatter.plots import PALETTE, new_figure
+
+    main = table.filter(pl.col("primary")) if "primary" in table.columns else table.clear()
+    if main.is_empty():
+        return {"decomposition": note_figure("Scaling decomposition", "no SAEs in the width family")}
+    first = main.row(0, named=True)
+    widths = main["width"].to_numpy().astype(np.float64)
+    fig, ax = new_figure()
+    if math.isfinite(first["c"]):
+        grid = np.geomspace(widths.min(), widths.max(), 200)
+        curve = power_law(grid, first["a"], first["c"], first["m"])
+        nl_mean, c, g = _nonlinear_mean(main), first["c"], np.log2(grid)
+        ax.fill_between(g, 0, nl_mean, color=PALETTE["nonlinear error"], alpha=0.85, label="nonlinear error")
+        ax.fill_between(g, nl_mean, c, color=PALETTE["linear error"], alpha=0.85, label="linear error")
+        ax.fill_between(g, c, curve, color=PALETTE["absent features"], alpha=0.9, label="absent features")
+        ax.plot(g, curve, color=PALETTE["total"], lw=1.2, label=f"fit c + a·W^(−m), m={first['m']:.2f}")
+        for bound in ("c_ci_low", "c_ci_high"):
+            ax.axhline(first[bound], color=PALETTE["total"], lw=0.8, ls=":")
+        title = f"FVU vs width ({first['architecture']}, k={first['k']}); dotted: CI of c"
+    else:
+        title = f"FVU vs width ({first['architecture']}, k={first['k']}): no power-law fit"
+    lw = np.log2(widths)
+    ax.scatter(lw, main["fvu"], color=PALETTE["total"], zorder=3, label="FVU total (measured)")
+    ax.scatter(lw, main["fvu_nonlinear"], color="white", edgecolor=PALETTE["nonlinear error"], zorder=3,
+               label="FVU nonlinear (measured)")
+    log2_ticks(ax, "x", widths)
+    ax.set(xlabel="SAE width (latents, log scale)", ylabel="FVU (fraction of variance)", title=title)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="upper right")
+    return {"decomposition": fig}
+
+
+def main() -> None:
+    run_cli(sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""Split an SAE's error into the part that is linear in x and the rest (SCIENCE.md §1; Engels et al. §3).
+
+    error = x − x_hat (SaeError)                       b* = argmin_B Σ_fit ‖x·B (+ b0) − error‖²  [d, d]
+    LinearError = x·b* (+ b0)                          NonlinearError = error − LinearError
+    so x = x_hat + LinearError + NonlinearError exactly.
+    FVU_total = Σ‖error‖² / Σ‖x − x̄‖²                 FVU_nonlinear = FVU(x, x_hat + LinearError)
+    FVU_linear = FVU_total − FVU_nonlinear
+
+b* is fitted on the fit split (:func:`darkmatter.regression.split_mask`) and applied to every token; the FVUs are
+pooled over all tokens (the definition of :class:`darkmatter.metrics.FvuAccumulator`, here evaluated from the
+regression's float64 sums: Σ‖error‖², the residual sums of squares of both splits and Σ‖x − x̄‖²).
+
+Two routes to the error's statistics:
+
+- :func:`decompose` — any dense error (``x_hat`` or ``error`` arrays); one streaming pass for the statistics and,
+  optionally, one for per-token norms.
+- :func:`decompose_family` — SAEs given by sparse codes, x_hat = z·W_dec + b_dec with k nonzeros per row. The x
+  statistics and the factorisation are shared by the family (:class:`darkmatter.regression.Design`); per SAE,
+  Σx̃ᵀe = Σx̃ᵀx̃ + Σx̃·(s − b_dec)ᵀ − (Σx̃ᵀz)·W_dec, where x̃ = x − s and Σx̃ᵀz [d, d_sae] is a sparse product
+  (N·k·d multiply-adds instead of the dense N·d²). The error is decoded once (``embedding_bag``, N·k·d) for Σe,
+  Σe² and ‖e‖². On a CPU the sparse product (a scatter into random rows of a [d_sae, d] accumulator) is
+  memory-bound, so it beats the float64 GEMM only when d/k is large; ``method="auto"`` decides per SAE
+  (:func:`choose_method`, measured in bench/regression.py). The whole family is one pass over x.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from darkmatter.regression import (
+    _DEFAULTS,
+    CHUNK_ROWS,
+    ArrayLike,
+    Design,
+    LinearFit,
+    MomentStream,
+    R2Scores,
+    TargetMoments,
+    XMoments,
+    as_f64,
+    residual_ss,
+    row_chunks,
+    split_mask,
+    stream_moments,
+)
+
+log = logging.getLogger(__name__)
+
+Method = Literal["auto", "sparse", "dense"]
+Split = tuple[TargetMoments, TargetMoments | None]  # (fit, test) moments of one target
+# "auto" rule, measured on 2 AVX-512 cores (bench/regression.py, d = 576, k = 32): the sparse product does d/k
+# times fewer multiply-adds than the dense GEMM, but scipy's single-threaded scatter into random rows of a
+# [d_sae, d] float64 accumulator is about as many times less efficient as the 2-thread float64 GEMM, so the two
+# break even near d/k ≈ 18. "auto" takes the sparse route only with a clear margin, d ≥ 32·k (e.g. d = 2304,
+# k ≤ 72), and while its two accumulators stay within memory reason.
+SPARSE_MIN_D_OVER_K = 32
+SPARSE_MAX_ACCUMULATOR_BYTES = 128 * 2**20
+
+
+# --------------------------------------------------------------------------------------------- SAE codes
+
+
+def _f32(a: ArrayLike) -> Tensor:
+    """A chunk as a float32 CPU tensor (np.array copies: torch cannot wrap a read-only memmap slice)."""
+    return a.detach().cpu().float() if isinstance(a, Tensor) else torch.from_numpy(np.array(a, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class SparseCodes:
+    """An SAE's reconstruction of N tokens in sparse form: x_hat = Σ_j top_values[:, j]·W_dec[top_indices[:, j]] + b_dec.
+
+    top_indices [N, k] integer latent ids; top_values [N, k] float (zeros are fine: a TopK ReLU zero, or padding
+    for SAEs with a variable L0); W_dec [d_sae, d]; b_dec [d]. Arrays may be numpy (memmaps) or torch.
+    """
+
+    top_indices: ArrayLike
+    top_values: ArrayLike
+    W_dec: ArrayLike
+    b_dec: ArrayLike
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_dec.shape[0])
+
+    def rows(self, sl: slice) -> tuple[Tensor, Tensor]:
+        """(indices int64 [n, k], values float32 [n, k]) of the rows ``sl``."""
+        idx, val = self.top_indices[sl], self.top_values[sl]
+        idx = idx.long() if isinstance(idx, Tensor) else torch.from_numpy(np.array(idx, dtype=np.int64))
+        val = val.float() if isinstance(val, Tensor) else torch.from_numpy(np.array(val, dtype=np.float32))
+        return idx, val
+
+    def decode(self, idx: Tensor, val: Tensor) -> Tensor:
+        """z·W_dec float32 [n, d] (no b_dec) from codes [n, k]: an ``embedding_bag``, N·k·d, no dense latents."""
+        return F.embedding_bag(idx, torch.as_tensor(self.W_dec, dtype=torch.float32), per_sample_weights=val,
+                               mode="sum")
+
+    def x_hat(self, sl: slice) -> Tensor:
+        """Reconstructions x_hat = z·W_dec + b_dec, float32 [n, d], of the rows ``sl``."""
+        return self.decode(*self.rows(sl)).add_(torch.as_tensor(self.b_dec, dtype=torch.float32))
+
+    def error_of(self, x32: Tensor, idx: Tensor, val: Tensor) -> Tensor:
+        """SaeError = x − x_hat = x − (z·W_dec + b_dec), float32 [n, d] (formed in float32, as errors are stored)."""
+        x_hat = self.decode(idx, val).add_(torch.as_tensor(self.b_dec, dtype=torch.float32))
+        return torch.sub(x32, x_hat, out=x_hat)  # in place: one [n, d] buffer
+
+    def error(self, x: ArrayLike, sl: slice) -> Tensor:
+        """SaeError of the rows ``sl`` of x, float32 [n, d]."""
+        return self.error_of(_f32(x[sl]), *self.rows(sl))
+
+
+class _Rows:
+    """A lazily computed [n_rows, width] array: ``rows[sl]`` calls ``get(sl)``, so targets can be streamed."""
+
+    def __init__(self, n_rows: int, width: int, get):
+        self.shape = (n_rows, width)
+        self._get = get
+
+    def __getitem__(self, sl: slice) -> Tensor:
+        return self._get(sl)
+
+
+def _with_norm_sq(e: Tensor) -> Tensor:
+    """[e, ‖e‖²] [n, d + 1] float64 for a float64 error chunk e [n, d]."""
+    return torch.cat([e, torch.bmm(e[:, None, :], e[:, :, None]).view(-1, 1)], dim=1)
+
+
+def error_rows(x: ArrayLike, x_hat: ArrayLike) -> _Rows:
+    """A lazy row-sliceable SaeError = x − x_hat (float64 per chunk) for the streaming functions."""
+    if tuple(x.shape) != tuple(x_hat.shape):
+        raise ValueError(f"x has shape {tuple(x.shape)} but x_hat has {tuple(x_hat.shape)}.")
+    return _Rows(x.shape[0], x.shape[1], lambda sl: as_f64(x[sl]) - as_f64(x_hat[sl]))
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ErrorFit:
+    """The linear error predictor of one SAE and what it explains.
+
+    linear_map: b* (coef [d, d]) and intercept [d]; r2_vector: test-split R² of the error vector from x;
+    r2_norm_sq: test-split R² of ‖error‖² from x (None when not computed); *_no_intercept: the same without
+    intercept, beside the affine default (None when the design itself has none). FVUs pooled over all tokens.
+    """
+
+    linear_map: LinearFit
+    r2_vector: R2Scores | None
+    r2_norm_sq: R2Scores | None
+    r2_vector_no_intercept: R2Scores | None
+    r2_norm_sq_no_intercept: R2Scores | None
+    fvu_total: float
+    fvu_nonlinear: float
+    fvu_linear: float
+    n_fit: int
+    n_test: int
+
+
+@dataclass(frozen=True)
+class ErrorDecomposition:
+    """:class:`ErrorFit` plus per-token norms [N] float32 (None unless requested)."""
+
+    fit: ErrorFit
+    error_norm: np.ndarray | None
+    linear_error_norm: np.ndarray | None
+    nonlinear_error_norm: np.ndarray | None
+
+
+def _error_fit(design: Design, vector: Split, norm_sq: Split | None, no_intercept: Design | None) -> ErrorFit:
+    """Solve for b* and derive R² and the FVUs from the moments of both splits (no pass over the rows)."""
+    fit_v, test_v = vector
+    lin = design.solve(fit_v)
+    all_x = design.all_rows
+    total_ss = all_x.total_ss  # Σ‖x − x̄‖² over all tokens
+    sse_nonlinear = float(residual_ss(lin, design.fit, fit_v).sum())
+    sse_total = fit_v.norm_sq_sum
+    if test_v is not None:
+        assert design.test is not None
+        sse_nonlinear += float(residual_ss(lin, design.test, test_v).sum())
+        sse_total += test_v.norm_sq_sum
+
+    def r2(d: Design | None, moments: Split | None) -> R2Scores | None:
+        if d is None or moments is None or moments[1] is None:
+            return None
+        return d.heldout_r2(d.solve(moments[0]), moments[1])
+
+    fvu_total, fvu_nonlinear = sse_total / total_ss, sse_nonlinear / total_ss
+    return ErrorFit(
+        linear_map=lin,
+        r2_vector=None if test_v is None else design.heldout_r2(lin, test_v),
+        r2_norm_sq=r2(design, norm_sq),
+        r2_vector_no_intercept=r2(no_intercept, vector),
+        r2_norm_sq_no_intercept=r2(no_intercept, norm_sq),
+        fvu_total=fvu_total, fvu_nonlinear=fvu_nonlinear, fvu_linear=fvu_total - fvu_nonlinear,
+        n_fit=fit_v.n, n_test=0 if test_v is None else test_v.n,
+    )
+
+
+def _sibling_without_intercept(design: Design) -> Design | None:
+    """The same moments factorised without intercept (cheap: one d×d factorisation), or None."""
+    if not design.intercept:
+        return None
+    return Design(design.fit, design.test, intercept=False, ridge=design.ridge)
+
+
+def _check_mask(design: Design, mask: np.ndarray) -> None:
+    if design.fit.n != int(mask.sum()):
+        raise ValueError(f"the design was built on {design.fit.n} fit rows but the mask selects {int(mask.sum())}; "
+                         "pass the mask the design was built with.")
+
+
+# --------------------------------------------------------------------------------------------- dense route
+
+
+def linear_error(x: ArrayLike, linear_map: LinearFit, chunk_rows: int = CHUNK_ROWS,
+                 dtype: type = np.float64) -> np.ndarray:
+    """LinearError = x·b* + b0, [N, d]."""
+    return linear_map.predict(x, chunk_rows, dtype)
+
+
+def error_components(x: ArrayLike, x_hat: ArrayLike, linear_map: LinearFit, chunk_rows: int = CHUNK_ROWS,
+                     dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """(LinearError, NonlinearError) [N, d] each; x = x_hat + LinearError + NonlinearError."""
+    err = error_rows(x, x_hat)
+    lin = linear_error(x, linear_map, chunk_rows, np.float64)
+    nonlin = np.empty_like(lin, dtype=dtype)
+    for sl in row_chunks(x.shape[0], chunk_rows):
+        nonlin[sl] = (err[sl] - torch.from_numpy(lin[sl])).numpy()
+    return lin.astype(dtype, copy=False), nonlin
+
+
+def decompose(x: ArrayLike, x_hat: ArrayLike | None = None, *, error: ArrayLike | None = None,
+              design: Design | None = None, mask: np.ndarray | None = None,
+              fit_tokens: int = _DEFAULTS.fit_tokens, seed: int = _DEFAULTS.seed,
+              intercept: bool = _DEFAULTS.intercept, ridge: float = _DEFAULTS.ridge, norm_sq: bool = True,
+              per_token: bool = True, chunk_rows: int = CHUNK_ROWS, progress: bool = False) -> ErrorDecomposition:
+    """Linear/nonlinear decomposition of a dense SAE error (give ``x_hat`` or ``error``, [N, d] each).
+
+    ``design``/``mask``: reuse a family's shared x statistics (built on the same ``x`` and mask). ``norm_sq``:
+    also regress ‖error‖² on x. ``per_token``: also return ‖error‖, ‖LinearError‖, ‖NonlinearError‖ per token
+    (one more pass, N·d² for x·b*).
+    """
+    if (x_hat is None) == (error is None):
+        raise ValueError("give exactly one of x_hat and error.")
+    err = error_rows(x, x_hat) if x_hat is not None else _Rows(x.shape[0], x.shape[1], lambda sl: as_f64(error[sl]))
+    if tuple(err.shape) != tuple(x.shape):
+        raise ValueError(f"x has shape {tuple(x.shape)} but the error has {tuple(err.shape)}.")
+    n, d = x.shape
+    # one pass: the target row is [e, ‖e‖²] (d + 1 columns), and the x moments come along when no design is given
+    target = err if not norm_sq else _Rows(n, d + 1, lambda sl: _with_norm_sq(err[sl]))
+    if mask is None:
+        mask = split_mask(n, fit_tokens, seed)
+    if design is None:
+        fit_s, test_s = stream_moments(x, target, mask, chunk_rows=chunk_rows, progress=progress, desc="decompose")
+        assert test_s is not None
+        design = Design(fit_s.x_moments(), test_s.x_moments(), intercept=intercept, ridge=ridge)
+        moments = (fit_s.target_moments(), test_s.target_moments())
+    else:
+        _check_mask(design, mask)
+        moments = design.target_moments(x, target, mask, chunk_rows=chunk_rows, progress=progress)
+    vector = (moments[0].select(slice(0, d)), moments[1].select(slice(0, d)))  # type: ignore[union-attr]
+    norms = None
+    if norm_sq:
+        norms = (moments[0].select(slice(d, d + 1)), moments[1].select(slice(d, d + 1)))  # type: ignore[union-attr]
+    result = _error_fit(design, vector, norms, _sibling_without_intercept(design))
+    if not per_token:
+        return ErrorDecomposition(result, None, None, None)
+    e_norm, l_norm, nl_norm = (np.empty(n, dtype=np.float32) for _ in range(3))
+    coef, b0 = torch.from_numpy(result.linear_map.coef), torch.from_numpy(result.linear_map.intercept)
+    for sl in row_chunks(n, chunk_rows):
+        e = err[sl]
+        lin = torch.addmm(b0, as_f64(x[sl]), coef)
+        e_norm[sl], l_norm[sl], nl_norm[sl] = e.norm(dim=1), lin.norm(dim=1), (e - lin).norm(dim=1)
+    return ErrorDecomposition(result, e_norm, l_norm, nl_norm)
+
+
+# --------------------------------------------------------------------------------------------- sparse route
+
+
+def choose_method(method: Method, k: int, d_sae: int, d: int) -> Literal["sparse", "dense"]:
+    """Resolve ``auto`` (see :data:`SPARSE_MIN_D_OVER_K`): sparse when d ≥ 32·k and the float64 accumulator
+    [d_sae, d] is at most 128 MiB, else the dense GEMM."""
+    if method != "auto":
+        return method
+    sparse = d >= SPARSE_MIN_D_OVER_K * k and d_sae * d * 8 <= SPARSE_MAX_ACCUMULATOR_BYTES
+    return "sparse" if sparse else "dense"
+
+
+def _add(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
+    if key in sums:
+        sums[key] += value  # in place: the sparse accumulator is [d_sae, d] float64
+    else:
+        sums[key] = value
+
+
+class _SaeSums:
+    """One SAE's float64 sums over each split, fed chunk by chunk by :func:`family_moments`.
+
+    The target is the row [e, ‖e‖²] ∈ R^(d+1) about its first chunk's mean [t, t_n]: the error vector and the
+    scalar norm target share every pass (one GEMM gives both cross moments, one reduction both sums).
+    """
+
+    def __init__(self, codes: SparseCodes, use: Literal["sparse", "dense"], n_splits: int):
+        self.codes, self.sparse = codes, use == "sparse"
+        self.n = [0] * n_splits
+        self.sums: list[dict[str, Tensor]] = [{} for _ in range(n_splits)]
+        self.shift: Tensor | None = None  # [t, t_n] (d + 1)
+
+    def add_chunk(self, sl: slice, order: Tensor | None, x32: Tensor, xt: Tensor, splits: list[slice],
+                  buf: Tensor) -> None:
+        """x32 [n, d] float32 and xt = x − s [n, d] float64, rows reordered by ``order`` so that each split is the
+        contiguous slice ``splits[i]`` (views: no copies per split); ``buf`` a float64 scratch [≥ n, d + 1].
+
+        Memory-bound elementwise passes dominate on a CPU, so each is done once, in place, into reused buffers.
+        """
+        idx, val = self.codes.rows(sl)
+        if order is not None:
+            idx, val = idx[order], val[order]
+        n, d = x32.shape
+        e32 = self.codes.error_of(x32, idx, val)
+        target = buf[:n]  # [n, d + 1] = [e, ‖e‖²]
+        target[:, :d].copy_(e32)
+        target[:, d] = torch.linalg.vector_norm(e32, dim=1, dtype=torch.float64).square_()
+        if self.shift is None:
+            self.shift = target.mean(0)
+        target.sub_(self.shift)
+        for i, rows in enumerate(splits):
+            xs, ts = xt[rows], target[rows]
+            sums = self.sums[i]
+            self.n[i] += xs.shape[0]
+            _add(sums, "sum", ts.sum(0))
+            if not self.sparse:
+                _add(sums, "cross", xs.T @ ts)  # [d, d + 1]: the error's and the norm's cross moments
+            else:  # Σ_rows z_rowᵀ x̃_row [d_sae, d]: scipy's CSC product touches only the k nonzeros of each row
+                ii, vv = idx[rows], val[rows]
+                z = scipy.sparse.csr_matrix((vv.double().reshape(-1).numpy(), ii.reshape(-1).numpy(),
+                                             np.arange(0, ii.numel() + 1, ii.shape[1])),
+                                            shape=(ii.shape[0], self.codes.d_sae))
+                _add(sums, "zx", torch.from_numpy(z.T @ xs.numpy()))
+                _add(sums, "n_cross", xs.T @ ts[:, d:])
+        target.square_()  # not needed any more: square in place, no temporary
+        for i, rows in enumerate(splits):
+            _add(self.sums[i], "sum_sq", target[rows].sum(0))
+
+    def moments(self, xms: list[XMoments]) -> tuple[Split, Split]:
+        """(vector, norm_sq) moments of every split; ``xms`` = the x moments of the same splits."""
+        if self.shift is None:
+            raise ValueError("x has no rows.")
+        d = self.shift.shape[0] - 1
+        t = self.shift[:d]
+        vector, norm_sq = [], []
+        for n, s, xm in zip(self.n, self.sums, xms, strict=True):
+            if self.sparse:
+                # Σx̃ᵀ(e − t) with e = x̃ + s − z·W_dec − b_dec (x̃ = x − s), every term from statistics
+                W_dec = torch.as_tensor(self.codes.W_dec).double()
+                b_dec = torch.as_tensor(self.codes.b_dec).double()
+                shift = torch.from_numpy(xm.shift)
+                cross = (torch.from_numpy(xm.gram) + torch.outer(torch.from_numpy(xm.sum), shift - b_dec - t)
+                         - s["zx"].T @ W_dec)
+                n_cross = s["n_cross"]
+            else:
+                cross, n_cross = s["cross"][:, :d], s["cross"][:, d:]  # one GEMM gave both
+            both = TargetMoments(n, self.shift.numpy(), s["sum"].numpy(), s["sum_sq"].numpy(),
+                                 torch.cat([cross, n_cross], dim=1).numpy())
+            vector.append(both.select(slice(0, d)))
+            norm_sq.append(both.select(slice(d, d + 1)))
+        if len(xms) == 1:
+            return (vector[0], None), (norm_sq[0], None)
+        return (vector[0], vector[1]), (norm_sq[0], norm_sq[1])
+
+
+def family_moments(x: ArrayLike, saes: Sequence[SparseCodes], mask: np.ndarray | None, *,
+                   design: Design | None = None, method: Method = "auto", chunk_rows: int = CHUNK_ROWS,
+                   progress: bool = False) -> tuple[list[XMoments], list[tuple[Split, Split]]]:
+    """One pass over x for a whole family: the x moments of each split and, per SAE, the (vector, norm_sq)
+    moments (each (fit, test)) of its error e = x − x_hat and of ‖e‖².
+
+    Per chunk, x is converted, shifted (s: the design's shift, else the first chunk's mean) and reordered so that
+    the fit rows come first — once, for every SAE. ``design`` given: its x moments are reused (same rows and
+    mask!), else they are accumulated in the same pass. The cross moment Σx̃ᵀ(e − t) [d, d] comes from the sparse
+    codes (``method="sparse"``: Σx̃ᵀx̃ + Σx̃·(s − b_dec − t)ᵀ − (Σx̃ᵀz)·W_dec, float64) or from a float64 GEMM
+    with the decoded error (``"dense"``); ``"auto"`` chooses per SAE (:func:`choose_method`). Σ(e − t),
+    Σ(e − t)² and ‖e‖² use the error decoded in float32 and are summed in float64. Memory: O(d² + d·d_sae) per
+    SAE (sparse: two [d_sae, d] float64 accumulators), independent of N.
+    """
+    n, d = x.shape
+    for i, codes in enumerate(saes):
+        if codes.top_indices.shape[0] != n:
+            raise ValueError(f"SAE {i} has codes for {codes.top_indices.shape[0]} tokens but x has {n}.")
+    n_splits = 1 if mask is None else 2
+    accs = [_SaeSums(c, choose_method(method, int(c.top_indices.shape[1]), c.d_sae, d), n_splits) for c in saes]
+    shift = None if design is None else torch.from_numpy(design.shift)
+    streams: list[MomentStream] = []
+    xt_buf = torch.empty(min(chunk_rows, n), d, dtype=torch.float64)  # reused: fresh 75 MB buffers page-fault
+    target_buf = torch.empty(min(chunk_rows, n), d + 1, dtype=torch.float64)
+    bar = tqdm(total=n, unit="tok", unit_scale=True, disable=not progress, desc=f"family moments ({len(saes)} SAEs)")
+    raw_buf = torch.empty(min(chunk_rows, n), d, dtype=torch.float32)
+    x32_buf = torch.empty_like(raw_buf)
+    for sl in row_chunks(n, chunk_rows):
+        rows_x = x[sl]
+        raw = raw_buf[: sl.stop - sl.start]
+        if isinstance(rows_x, Tensor):
+            raw.copy_(rows_x)
+        else:
+            raw.numpy()[:] = rows_x  # numpy casts and copies (a memmap slice included) into the reused buffer
+        x32, order, splits = raw, None, [slice(None)]
+        if mask is not None:
+            m = np.asarray(mask[sl])
+            order = torch.from_numpy(np.argsort(~m, kind="stable"))  # fit rows first
+            x32, n_fit = torch.index_select(raw, 0, order, out=x32_buf[: raw.shape[0]]), int(m.sum())
+            splits = [slice(0, n_fit), slice(n_fit, None)]
+        if shift is None:
+            shift = x32.mean(0, dtype=torch.float64)
+        xt = xt_buf[: x32.shape[0]]
+        xt.copy_(x32).sub_(shift)
+        if design is None:
+            streams = streams or [MomentStream(shift.numpy()) for _ in splits]
+            for stream, rows in zip(streams, splits, strict=True):
+                stream.update(xt[rows])
+        for acc in accs:
+            acc.add_chunk(sl, order, x32, xt, splits, target_buf)
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    if design is None:
+        if not streams:
+            raise ValueError("x has no rows.")
+        xms = [st.x_moments() for st in streams]
+    else:
+        xms = [design.fit] if mask is None else [design.fit, design.test]  # type: ignore[list-item]
+    return xms, [acc.moments(xms) for acc in accs]
+
+
+def sae_error_moments(x: ArrayLike, codes: SparseCodes, design: Design, mask: np.ndarray | None, *,
+                      method: Method = "auto", chunk_rows: int = CHUNK_ROWS, progress: bool = False
+                      ) -> tuple[Split, Split]:
+    """(vector, norm_sq) moments, each (fit, test), of one SAE's error (see :func:`family_moments`); ``design``
+    must hold the x moments of the same rows and ``mask``."""
+    return family_moments(x, [codes], mask, design=design, method=method, chunk_rows=chunk_rows,
+                          progress=progress)[1][0]
+
+
+def decompose_family(x: ArrayLike, saes: Sequence[SparseCodes], *, design: Design | None = None,
+                     mask: np.ndarray | None = None, fit_tokens: int = _DEFAULTS.fit_tokens,
+                     seed: int = _DEFAULTS.seed, intercept: bool = _DEFAULTS.intercept,
+                     ridge: float = _DEFAULTS.ridge, method: Method = "auto", chunk_rows: int = CHUNK_ROWS,
+                     progress: bool = False) -> list[ErrorFit]:
+    """:class:`ErrorFit` (b*, R² of error and ‖error‖², FVUs) of every SAE of a family on the same activations.
+
+    One pass over x and the codes (:func:`family_moments`); the x statistics and the factorisations (with and
+    without intercept) are shared. ``design`` may be passed in together with the ``mask`` it was built on.
+    """
+    if mask is None:
+        mask = split_mask(x.shape[0], fit_tokens, seed)
+    if design is not None:
+        _check_mask(design, mask)
+    xms, moments = family_moments(x, saes, mask, design=design, method=method, chunk_rows=chunk_rows,
+                                  progress=progress)
+    if design is None:
+        design = Design(xms[0], xms[1], intercept=intercept, ridge=ridge)
+    no_intercept = _sibling_without_intercept(design)
+    out = []
+    for i, ((vector, norms), codes) in enumerate(zip(moments, saes, strict=True)):
+        out.append(_error_fit(design, vector, norms, no_intercept))
+        log.info("SAE %d/%d (d_sae=%d): FVU %.4f, nonlinear %.4f, R² vector %.4f", i + 1, len(saes), codes.d_sae,
+                 out[-1].fvu_total, out[-1].fvu_nonlinear,
+                 out[-1].r2_vector.r2_mean_dims if out[-1].r2_vector else float("nan"))
+    return out

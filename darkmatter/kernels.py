@@ -1,0 +1,323 @@
+"""Fast CPU autograd functions for SAE training: sparse TopK encoder/decoder and JumpReLU straight-through estimators.
+
+A top-k SAE step is dominated by the encoder GEMM (2·N·d_in·d_sae FLOPs). A dense autograd implementation runs
+five GEMMs of that size (encoder forward and weight gradient; decoder forward, input and weight gradient); here
+only the encoder forward is a GEMM, everything else touches the selected (token, latent) pairs only:
+
+- decoder: x_hat = Σ_j acts[j]·W_dec[cols[j]] is an ``embedding_bag`` with per-sample weights (sparsify),
+  fused with the squared error so that autograd does not chain elementwise passes over [N, d_in];
+- encoder backward: the gradient reaches the pre-activations only at selected entries (nnz = N·k), so
+  ∂W_enc[:, i] = Σ_{t selected i} g_t·x_c[row_t] and ∂W_dec[i] = Σ_{t selected i} acts_t·∂x_hat[row_t] are again
+  embedding bags, one bag per latent, over the entries sorted by latent (never the dense [N, d_sae] gradient;
+  sparsify instead materialises [N·k, d_in] contributions and index_adds them);
+- ∂b_dec through x_c = x − b_dec is −W_enc·∂b_enc, a GEMV, because x itself needs no gradient;
+- the top-k itself is an exact pyramid of group maxima (:func:`topk_rows`), ~2x cheaper than torch.topk.
+
+Selections are stored flat in CSR order (entries sorted by token), so TopK (k per token), BatchTopK (a variable
+number per token) and the AuxK dead-latent selection share the same kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SUM = 0  # embedding_bag mode code for "sum" in the ATen per-sample-weight backward
+
+
+class Selection:
+    """A sparse set of (token, latent) entries in CSR order: ``rows`` non-decreasing.
+
+    rows [nnz] int64; offsets [N] int64 = index of each token's first entry (embedding_bag offsets);
+    cols [nnz] int64 = latent of each entry.
+    ``by_latent()`` gives the same entries grouped by latent (cached; both backward passes reuse it).
+    """
+
+    def __init__(self, rows: Tensor, offsets: Tensor, cols: Tensor, d_sae: int):
+        self.rows, self.offsets, self.cols, self.d_sae = rows, offsets, cols, d_sae
+        self._by_latent: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def nnz(self) -> int:
+        return self.cols.numel()
+
+    def by_latent(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(order [nnz], rows[order] [nnz], latent_offsets [d_sae]): ``cols[order]`` is sorted (stable), so the
+        entries of latent i are order[latent_offsets[i] : latent_offsets[i + 1]]."""
+        if self._by_latent is None:
+            self._by_latent = _group_by(self.cols, self.rows, self.d_sae)
+        return self._by_latent
+
+    @staticmethod
+    def concat(sels: list[Selection]) -> Selection:
+        if len(sels) == 1:
+            return sels[0]
+        rows = torch.cat([s.rows for s in sels])
+        cols = torch.cat([s.cols for s in sels])
+        # offsets are only used for decoding a single selection; the concatenation is never decoded
+        return Selection(rows, torch.empty(0, dtype=torch.long), cols, sels[0].d_sae)
+
+
+# Index bookkeeping on the nnz entries runs in numpy: single-threaded, it costs well under a millisecond, while
+# each tiny parallel torch op waits for both cores (milliseconds when the machine is shared).
+
+
+def _group_by(keys: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stable argsort of ``keys`` (values in [0, n)), ``rows`` in that order and each key's start offset."""
+    k = keys.numpy()
+    # numpy's stable sort is a radix sort for 16-bit keys: ~20x faster than a comparison sort of int64
+    order = np.argsort(k.astype(np.uint16) if n <= 2**16 else k, kind="stable")
+    counts = np.bincount(k, minlength=n)
+    offsets = np.cumsum(counts) - counts
+    return (torch.from_numpy(order.astype(np.int64)), torch.from_numpy(np.take(rows.numpy(), order)),
+            torch.from_numpy(offsets.astype(np.int64)))
+
+
+def _csr(rows: Tensor, n_rows: int) -> Tensor:
+    counts = np.bincount(rows.numpy(), minlength=n_rows)
+    return torch.from_numpy((np.cumsum(counts) - counts).astype(np.int64))
+
+
+def topk_rows(x: Tensor, k: int, group: int = 8) -> tuple[Tensor, Tensor]:
+    """Exact per-row top-k values and indices of x [N, n] (unsorted), ~2x cheaper than torch.topk for n >> k.
+
+    torch's CPU topk spends ~15 ns per element (it copies each row into (value, index) pairs). Instead, build a
+    pyramid of group maxima (level l+1 = max over ``group`` strided columns of level l, one vectorised pass),
+    take the top k at the small top level and descend: the k groups with the largest maxima contain every
+    value of the row's top k (at most k groups hold a value above the k-th largest, and every group holding one
+    outranks every group that does not), so each level only inspects k·group candidates. Values equal
+    torch.topk's exactly, ties included; with tied values the chosen indices may differ.
+    """
+    n_rows, n = x.shape
+    levels = [x]
+    while levels[-1].shape[1] % group == 0 and levels[-1].shape[1] // group >= 2 * k:
+        width = levels[-1].shape[1] // group
+        levels.append(levels[-1].reshape(n_rows, group, width).amax(1))  # column j of the next level: max of j + m·width
+    vals, idx = levels[-1].topk(k, dim=1, sorted=False)
+    for level in range(len(levels) - 2, -1, -1):
+        width = levels[level + 1].shape[1]
+        cand = (idx[:, :, None] + width * torch.arange(group)).view(n_rows, k * group)
+        vals, pick = levels[level].gather(1, cand).topk(k, dim=1, sorted=False)
+        idx = cand.gather(1, pick)
+    return vals, idx
+
+
+# ---------------------------------------------------------------------------------------------- selections
+
+
+def _widen(vals: Tensor) -> Tensor:
+    """Selected values in at least float32 (after a bf16 GEMM: its rounded pre-activations, widened)."""
+    return vals.float() if vals.dtype in (torch.bfloat16, torch.float16) else vals
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_rows(n_tok: int, k: int) -> tuple[Tensor, Tensor]:
+    """rows and offsets of a selection with exactly k entries per token (read-only, shared between steps)."""
+    return torch.arange(n_tok).repeat_interleave(k), torch.arange(0, n_tok * k, k)
+
+
+def topk_select(pre: Tensor, k: int) -> tuple[Selection, Tensor]:
+    """Top k pre-activations of every token: (selection with k entries per row, their values [N·k])."""
+    n_tok, d_sae = pre.shape
+    vals, idx = topk_rows(pre, k)
+    return Selection(*_fixed_rows(n_tok, k), cols=idx.reshape(-1), d_sae=d_sae), _widen(vals.reshape(-1))
+
+
+def batch_topk_select(pre: Tensor, k: int, candidates: int = 4) -> tuple[Selection, Tensor]:
+    """Top k·N pre-activations of the whole batch (BatchTopK, Bussmann et al. 2024).
+
+    Exact and cheap: the batch winners are taken among each token's top ``candidates``·k values; if some token
+    has all of its candidates selected (it might have more winners) the full flattened top-k is used instead.
+    """
+    n_tok, d_sae = pre.shape
+    total = k * n_tok
+    c = min(d_sae, candidates * k)
+    cand_vals, cand_idx = topk_rows(pre, c)
+    top = cand_vals.reshape(-1).topk(total, sorted=False)
+    pool, pool_idx = cand_vals, cand_idx.reshape(-1)
+    if c < d_sae and bool((cand_vals.amin(dim=1) >= top.values.min()).any()):
+        pool, pool_idx, c = pre, None, d_sae  # a token may have more winners than candidates: go exact
+        top = pre.reshape(-1).topk(total, sorted=False)
+    flat = top.indices.sort().values  # token-major (CSR) order
+    rows = torch.div(flat, c, rounding_mode="floor")
+    cols = flat - rows * c if pool_idx is None else pool_idx[flat]
+    vals = pool.reshape(-1)[flat]
+    return Selection(rows, _csr(rows, n_tok), cols, d_sae), _widen(vals)
+
+
+def dead_topk_select(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Selection, Tensor]:
+    """Top ``k_aux`` pre-activations per token among the latents ``dead`` [n_dead] (AuxK, Gao et al. 2024)."""
+    n_tok, d_sae = pre.shape
+    k_aux = min(k_aux, dead.numel())
+    vals, local = topk_rows(pre.index_select(1, dead), k_aux)
+    return Selection(*_fixed_rows(n_tok, k_aux), cols=dead[local.reshape(-1)], d_sae=d_sae), _widen(vals.reshape(-1))
+
+
+SelectFn = Callable[[Tensor], list[tuple[Selection, Tensor]]]
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+class _SparseEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, select: SelectFn,
+                bf16: bool, out_sels: list[Selection]) -> tuple[Tensor, ...]:
+        x_c = x - b_dec if b_dec is not None else x
+        if bf16:  # the one big GEMM in bf16 (fp32 accumulation inside oneDNN; outputs rounded to bf16)
+            x_c = x_c.bfloat16()
+            pre = torch.addmm(b_enc.bfloat16(), x_c, W_enc.bfloat16())
+        else:
+            pre = torch.addmm(b_enc, x_c, W_enc)
+        picked = select(pre)
+        del pre
+        sels = [s for s, _ in picked]
+        out_sels.extend(sels)
+        ctx.sels = sels
+        ctx.has_b_dec = b_dec is not None
+        # in bf16 mode x_c is kept in bf16: the weight-gradient bags then read half the bytes (2x faster)
+        ctx.save_for_backward(x_c, W_enc)
+        return tuple(v for _, v in picked)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        x_c, W_enc = ctx.saved_tensors
+        used = [(s, g) for s, g in zip(ctx.sels, grads, strict=True) if g is not None]
+        d_sae = W_enc.shape[1]
+        if not used:
+            return None, None, None, None, None, None, None
+        sel = Selection.concat([s for s, _ in used])
+        gp = torch.cat([g for _, g in used]) if len(used) > 1 else used[0][1]
+        gp = gp.to(W_enc.dtype)
+        grad_x = grad_b_dec = grad_W = grad_b = None
+        grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype).index_add_(0, sel.cols, gp)
+        if ctx.needs_input_grad[2]:
+            order, rows, lat_off = sel.by_latent()
+            # [d_sae, d_in]: bag i = Σ over entries selecting latent i of g·x_c[row]
+            grad_W_T = F.embedding_bag(rows, x_c, lat_off, mode="sum", per_sample_weights=gp[order].to(x_c.dtype))
+            # one transposing (and widening) copy of d_sae·d_in values: cheaper than letting fused Adam copy a
+            # strided parameter twice
+            grad_W = grad_W_T.t().to(W_enc.dtype, memory_format=torch.contiguous_format)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_b_enc
+        if ctx.has_b_dec and ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        if ctx.needs_input_grad[0]:
+            offsets = _csr(sel.rows, x_c.shape[0])
+            grad_x = F.embedding_bag(sel.cols, W_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=gp)
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None
+
+
+def sparse_encode(x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, select: SelectFn,
+                  bf16: bool = False) -> tuple[list[Selection], list[Tensor]]:
+    """Pre-activations of the selected entries only, with a sparse backward.
+
+    x [N, d_in] (normally without gradient), b_dec [d_in] or None (not subtracted), W_enc [d_in, d_sae],
+    b_enc [d_sae]; ``select(pre)`` returns [(Selection, values)] (e.g. TopK and AuxK). Returns the selections
+    and one value tensor [nnz] per selection (float32 when the GEMM ran in bf16), differentiable w.r.t. x,
+    b_dec, W_enc and b_enc.
+    """
+    sels: list[Selection] = []
+    vals = _SparseEncode.apply(x, b_dec, W_enc, b_enc, select, bf16, sels)
+    return sels, list(vals)
+
+
+# ---------------------------------------------------------------------------------------------- decoder
+
+
+class _SparseSquaredError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, vals: Tensor, W_dec: Tensor, b_dec: Tensor | None, target: Tensor,
+                sel: Selection) -> tuple[Tensor, Tensor]:
+        x_hat = F.embedding_bag(sel.cols, W_dec, sel.offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))
+        err = torch.sub(target, x_hat, out=x_hat)  # in place: one [N, d_in] buffer for x_hat and the error
+        if b_dec is not None:
+            err.sub_(b_dec)
+        flat = err.reshape(-1)
+        sse = torch.dot(flat, flat)
+        ctx.sel, ctx.has_b_dec = sel, b_dec is not None
+        ctx.save_for_backward(vals, W_dec, err)
+        ctx.mark_non_differentiable(err)
+        return sse, err
+
+    @staticmethod
+    def backward(ctx: Any, g_sse: Tensor, _g_err: Tensor | None) -> tuple[Tensor | None, ...]:
+        vals, W_dec, err = ctx.saved_tensors
+        sel: Selection = ctx.sel
+        g = err * (-2 * g_sse)  # ∂sse/∂x_hat
+        grad_vals = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # ∂vals_t = ⟨g[row_t], W_dec[col_t]⟩: ATen's per-sample-weight backward loops over entries without
+            # gathering an [nnz, d_in] copy of the decoder rows
+            grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                g, W_dec, sel.cols, sel.offsets, sel.rows, _SUM, -1
+            ).to(vals.dtype)
+        if ctx.needs_input_grad[1]:
+            order, rows, lat_off = sel.by_latent()
+            grad_W = F.embedding_bag(rows, g, lat_off, mode="sum",
+                                     per_sample_weights=vals[order].to(g.dtype))
+        if ctx.has_b_dec and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_vals, grad_W, grad_b, None, None
+
+
+def sparse_squared_error(vals: Tensor, sel: Selection, W_dec: Tensor, b_dec: Tensor | None,
+                         target: Tensor) -> tuple[Tensor, Tensor]:
+    """Sparse decode and squared error in one pass: x_hat = Σ_j vals[j]·W_dec[cols[j]] (+ b_dec) per token.
+
+    Returns (sse = Σ‖target − x_hat‖², a scalar differentiable w.r.t. vals, W_dec and b_dec;
+    err = target − x_hat [N, d_in], without gradient). Fusing the loss saves ~6 full-size elementwise passes
+    of autograd's chain (add, sub, pow, sum and their backward).
+    """
+    return _SparseSquaredError.apply(vals, W_dec, b_dec, target, sel)
+
+
+# ---------------------------------------------------------------------------------------------- JumpReLU
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    """Rectangle kernel K(u) = 1[|u| < 1/2] (Rajamanoharan et al. 2024, eq. 11)."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """f = z·1[z > θ] with the straight-through gradient of Rajamanoharan et al. 2024 (Gemma Scope):
+
+    ∂f/∂z = 1[z > θ]; ∂f/∂θ = −(θ/ε)·K((z − θ)/ε). θ [d_sae] is the parameter itself (not log θ: under Adam a
+    log-parameterised threshold barely moves, SAELens issues #494/#382, fixed by parameterising θ in PR #718).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, th = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_th = (-(th / eps) * _rectangle((z - th) / eps) * g).sum(0)
+        return g * (z > th), grad_th, None
+
+
+class Step(torch.autograd.Function):
+    """H(z − θ) with ∂/∂θ = −(1/ε)·K((z − θ)/ε) and no gradient to z (the L0 penalty's estimator, same paper)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[None, Tensor, None]:
+        z, th = ctx.saved_tensors
+        eps = ctx.bandwidth
+        return None, (-(1.0 / eps) * _rectangle((z - th) / eps) * g).sum(0), None

@@ -1,0 +1,53 @@
+"""Assemble the store's tables from an experiment's result files (for ``build_database``).
+
+Each function reads one kind of artifact and returns a polars frame with the columns of
+:mod:`darkmatter.schema`; :func:`darkmatter.store.build_database` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from darkmatter.activations import ActivationStore
+from darkmatter.families import SaeMember
+from darkmatter.schema import SAES
+
+
+def tokens_table(store: ActivationStore, contexts_parquet: Path, tokenizer) -> pl.DataFrame:
+    """One row per eval row: position, token id and text, source document, clean loss (NaN → NULL)."""
+    index = store.index()
+    ids = np.unique(index["token_id"].to_numpy())
+    text = pl.DataFrame({"token_id": ids.astype(np.int32),
+                         "token_text": [tokenizer.decode([int(i)]) for i in ids]})
+    docs = pl.read_parquet(contexts_parquet).select("context", "doc_id")
+    return (index.join(text, on="token_id", how="left").join(docs, on="context", how="left")
+            .with_columns(pl.col("loss").fill_nan(None)).sort("row"))
+
+
+def saes_table(members: Sequence[SaeMember], metrics: Sequence[Path], summaries: Sequence[Path],
+               training_tokens: int, ce_summary: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per SAE: identity (from the config), eval metrics, decomposition results, CE score and KL."""
+    rows = []
+    for member, metrics_path, summary_path in zip(members, metrics, summaries, strict=True):
+        m = json.loads(Path(metrics_path).read_text())
+        s = json.loads(Path(summary_path).read_text())
+        rows.append({
+            "sae_id": member.sae_id, "hook": member.hook, "families": ",".join(member.families),
+            "architecture": member.spec.architecture, "width": member.spec.d_sae,
+            "k": member.spec.k, "seed": member.spec.seed, "training_tokens": training_tokens,
+            **{c.name: s[c.name] for c in SAES if c.name in s and c.name not in ("sae_id", "hook")},
+            **{c.name: m[c.name] for c in SAES if c.name in m and c.name != "fvu"
+               and c.name not in ("sae_id", "hook", "k", "architecture")},
+        })
+    table = pl.DataFrame(rows)
+    if ce_summary is not None and ce_summary.height:
+        table = table.join(ce_summary.select("sae_id", "ce_loss_score", "kl_sae"), on="sae_id", how="left")
+    for col in SAES:
+        if col.name not in table.columns:
+            table = table.with_columns(pl.lit(None, dtype=pl.Float64).alias(col.name))
+    return table.select([c.name for c in SAES])

@@ -1,0 +1,239 @@
+"""The HTML report without a browser: sections, figures, offline-only resources, browser-data limits, "not run"."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import subprocess
+import sys
+import zipfile
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import yaml
+
+from darkmatter.analysis import load_outputs
+from darkmatter.cli import main as cli_main
+from darkmatter.config import load_config, stable_hash
+from darkmatter.report import render_report
+from darkmatter.report_browser import BrowserLimits, quantise, sample_contexts
+from darkmatter.report_tables import fmt
+from darkmatter.store import connect
+from tests.conftest import REPO
+from tests.report_fixtures import ANALYSES, SAE_IDS, Experiment, make_experiment
+
+
+class Page(HTMLParser):
+    """Every tag with its attributes, and the text inside each element carrying an id (nested ones included)."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self._open: list[tuple[str, list[str]]] = []
+        self.text: dict[str, str] = {}
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if tag not in ("img", "meta", "br", "wbr", "input"):
+            self._open.append((a.get("id") or "", []))
+
+    def handle_endtag(self, tag):
+        if tag in ("img", "meta", "br", "wbr", "input") or not self._open:
+            return
+        ident, parts = self._open.pop()
+        joined = "".join(parts)
+        if ident:
+            self.text[ident] = joined
+        if self._open:
+            self._open[-1][1].append(joined)
+
+    def handle_data(self, data):
+        if self._open:
+            self._open[-1][1].append(data)
+
+    def find(self, tag: str, **attrs: str) -> list[dict[str, str | None]]:
+        return [a for t, a in self.tags if t == tag and all(a.get(k) == v for k, v in attrs.items())]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Experiment:
+    exp = make_experiment(tmp_path_factory.mktemp("report"))
+    render_report(exp.results, exp.db, exp.analyses, exp.config, exp.out)
+    return exp
+
+
+def embedded_data(browser_html: str) -> dict:
+    match = re.search(r'<script type="application/json" id="dm-data">(.*?)</script>', browser_html, re.S)
+    assert match, "browser.html has no embedded data"
+    return json.loads(match.group(1))
+
+
+def test_report_has_every_section_figure_and_number(experiment):
+    html = experiment.out.read_text()
+    page = Page(html)
+    sections = [a["id"] for a in page.find("section")]
+    assert sections == ["summary", *[f"analysis-{n}" for n in ANALYSES], "saes", "browser"]  # config order
+    assert page.find("footer", id="provenance")
+    for name in ANALYSES[:2]:
+        outputs = load_outputs(experiment.results / "analyses" / name)
+        body = page.text[f"analysis-{name}"]
+        assert outputs["meta"]["question"] in body and outputs["meta"]["paper_claim"] in body
+        for key, value in outputs["summary"].items():
+            assert key in body and fmt(value) in body
+        for fig, png in outputs["figures"].items():
+            (img,) = [a for a in page.find("img", **{"data-figure": fig}) if name in (a.get("alt") or "")]
+            prefix = "data:image/png;base64,"
+            assert img["src"].startswith(prefix) and base64.b64decode(img["src"][len(prefix):]) == png.read_bytes()
+    # A table longer than 15 rows is cut, and says so; strings are escaped, never interpreted.
+    assert "first 15 of 36 rows" in page.text["analysis-per_token_shares"]
+    assert html.count("<tr>", html.index('id="analysis-per_token_shares"'), html.index('id="analysis-pursuit"')) == 16
+    assert "synthetic &lt;data&gt; &amp; co" in html and "<data>" not in html
+    # The SAE table lists every SAE with its dead % (fraction x 100) and FVU.
+    saes = page.text["saes"]
+    assert all(s in saes for s in SAE_IDS) and "dead %" in saes and "FVU nonlinear" in saes
+    assert "CE score" not in saes  # the store has no CE column: no empty column either
+    summary = page.text["summary"]
+    assert "random llama (3 blocks, d_model 64)" in summary and "blocks.1.hook_resid_post" in summary
+    assert "720 eval tokens in 12 contexts, 3 SAEs" in summary
+    footer = page.text["provenance"]
+    assert stable_hash(experiment.config) in footer and "duckdb" in footer
+    assert re.search(r"activations\s*2\s*25", footer), "run time per stage: two 12.5 s harvests"
+
+
+def test_report_loads_nothing_from_the_network(experiment):
+    for path in (experiment.out, experiment.out.parent / "browser.html"):
+        html = path.read_text()
+        page = Page(html)
+        urls = [a[k] for _, a in page.tags for k in ("src", "href", "srcset", "data") if a.get(k)]
+        assert not [u for u in urls if re.match(r"\s*(https?:)?//", u)], path
+        assert not page.find("link") and not [a for t, a in page.tags if t == "script" and a.get("src")]
+        assert not re.search(r"url\(\s*['\"]?(https?:)?//|@import", html), path
+        # Only local links: the report's browser link, and the browser's way back.
+        assert {u for u in urls if not u.startswith(("data:", "#"))} <= {"browser.html", "index.html"}
+
+
+def test_missing_analyses_show_not_run(experiment, tmp_path):
+    broken = experiment.results / "analyses" / "half_written"
+    broken.mkdir(exist_ok=True)
+    (broken / "summary.json").write_text("{}")
+    out = tmp_path / "index.html"
+    render_report(experiment.results, experiment.db, ["pursuit", "half_written", "error_predictability"],
+                  experiment.config, out)
+    page = Page(out.read_text())
+    assert [a["data-status"] for a in page.find("section", **{"class": "analysis not-run"})] == ["not run"] * 2
+    assert "no output folder" in page.text["analysis-pursuit"]
+    assert "incomplete outputs" in page.text["analysis-half_written"]
+    assert page.find("section", id="analysis-error_predictability", **{"data-status": "ok"})
+
+
+def test_missing_database_still_renders(experiment, tmp_path):
+    out = tmp_path / "index.html"
+    render_report(experiment.results, tmp_path / "missing.duckdb", [], experiment.config, out)
+    page = Page(out.read_text())
+    assert "does not exist yet" in page.text["saes"] and not (tmp_path / "browser.html").exists()
+    assert "No analyses are configured" in page.text["summary"]
+
+
+def test_interrupted_write_leaves_the_old_report(experiment, tmp_path, monkeypatch):
+    out = tmp_path / "index.html"
+    out.write_text("old")
+
+    def interrupted(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("darkmatter.report.os.replace", interrupted)
+    with pytest.raises(OSError, match="disk full"):
+        render_report(experiment.results, experiment.db, [], experiment.config, out)
+    assert out.read_text() == "old" and not (tmp_path / "browser.html").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["index.html"]  # no temporary file left behind
+
+
+def test_browser_data_respects_limits_and_matches_the_store(experiment, tmp_path):
+    limits = BrowserLimits(max_contexts=5, top_k=7, contexts_per_page=2, digits=3)
+    out = tmp_path / "index.html"
+    render_report(experiment.results, experiment.db, [], experiment.config, out, limits)
+    data = embedded_data((tmp_path / "browser.html").read_text())
+    assert data["limits"] == {"max_contexts": 5, "top_k": 7, "contexts_per_page": 2, "digits": 3}
+    assert [c["id"] for c in data["contexts"]] == [0, 3, 6, 8, 11]  # evenly spaced, first and last kept
+    assert [s["sae_id"] for s in data["saes"]] == list(SAE_IDS)  # widths ascending
+    assert len(data["vocab"]) == len(set(data["vocab"]))  # each token string stored once
+    with connect(experiment.db) as con:
+        for ctx in data["contexts"]:
+            want = con.execute("SELECT token_text FROM tokens WHERE context = ? ORDER BY position",
+                               [ctx["id"]]).fetchall()
+            assert [data["vocab"][i] for i in ctx["tokens"]] == [w for (w,) in want]
+        for sid in SAE_IDS:
+            for kind, arr in data["norms"][sid].items():
+                q = np.array([v for per in arr["q"] for v in per], dtype=float)
+                rows = con.execute(f"SELECT {kind} FROM token_errors_in_context WHERE sae_id = ? AND "
+                                   "list_contains(?, context) ORDER BY context, position",
+                                   [sid, [c["id"] for c in data["contexts"]]]).fetchall()
+                truth = np.array([v for (v,) in rows])
+                assert arr["step"] <= truth.max() / 10 ** (limits.digits - 1)  # 3 significant digits of the max
+                np.testing.assert_allclose(q * arr["step"], truth, rtol=0, atol=arr["step"] / 2 + 1e-9)
+                worst = data["worst"][sid][kind]
+                assert len(worst) == limits.top_k
+                values = [v for _, _, v in worst]
+                assert values == sorted(values, reverse=True) and values[0] == q.max()
+                assert sorted(truth)[-limits.top_k] <= (values[-1] + 0.5) * arr["step"]
+    assert "NaN" not in json.dumps(data)
+
+
+def test_browser_defaults_bound_the_page():
+    limits = BrowserLimits()
+    assert (limits.max_contexts, limits.top_k) == (20, 50)
+    with pytest.raises(ValueError, match="BrowserLimits.top_k must be an integer >= 1, got 0"):
+        BrowserLimits(top_k=0)
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (None, "—"), (float("nan"), "—"), (True, "yes"), (1234567, "1,234,567"), (np.int64(-42), "-42"),
+    (0.123456, "0.123"), (np.float32(0.5), "0.5"), (12.345, "12.3"), (12345.6, "12,346"), (0.0, "0"),
+    (1.5e-5, "1.50e-5"), (2.5e7, "2.50e7"), (math.inf, "∞"), ("a <b>", "a <b>"), ([1, 2], "[1, 2]"),
+])
+def test_fmt(value, text):
+    assert fmt(value) == text
+
+
+def test_quantise_and_sample():
+    step, q = quantise(np.array([0.0, 1.23456, 98.7654, math.nan]), 3)
+    assert step == 0.1 and q == [0, 12, 988, None]
+    assert quantise(np.zeros(3), 3) == (1.0, [0, 0, 0])
+    assert sample_contexts(list(range(10)), 20) == list(range(10))
+    assert sample_contexts(list(range(300)), 4) == [0, 100, 199, 299]
+
+
+def test_cli_render_report(experiment, tmp_path):
+    out = tmp_path / "reports" / "synthetic" / "index.html"
+    cli_main(["render-report", "--params", json.dumps(experiment.config), "--db", str(experiment.db),
+              "--analyses", *ANALYSES, "--out", str(out), "--max-contexts", "3", "--top-k", "4"])
+    assert 'id="analysis-pursuit"' in out.read_text()
+    data = embedded_data((out.parent / "browser.html").read_text())
+    assert len(data["contexts"]) == 3 and len(data["worst"][SAE_IDS[0]]["error_norm"]) == 4
+
+
+@pytest.mark.slow
+def test_snakemake_rule_and_snakemake_report(tmp_path):
+    """The render_report rule runs on an existing store, and `snakemake --report` packs the pages."""
+    exp = make_experiment(tmp_path, analyses=False)
+    cfg = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text()) | {"name": "synthetic"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    # Whatever analyses the config lists: an empty folder each (the report shows them as not run).
+    for a in getattr(load_config(data=cfg), "analyses", ()):
+        (exp.results / "analyses" / (a if isinstance(a, str) else a.name)).mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "snakemake", "--cores", "1", "--snakefile", str(REPO / "Snakefile"),
+            "--directory", str(tmp_path), "--configfile", str(tmp_path / "cfg.yaml"),
+            "--allowed-rules", "render_report"]
+    target = "reports/synthetic/index.html"
+    for extra in ([], ["--report", str(tmp_path / "report.zip")]):
+        res = subprocess.run([*base, *extra, "--", target], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "reports" / "synthetic" / "browser.html").is_file()
+    names = zipfile.ZipFile(tmp_path / "report.zip").namelist()
+    assert any(n.endswith("/index.html") for n in names) and any(n.endswith("/browser.html") for n in names)
+    assert (exp.results / "logs" / "render_report.log").is_file()
