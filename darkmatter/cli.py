@@ -109,7 +109,7 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
     from darkmatter.activations import ActivationStore
     from darkmatter.config import ConfigError, SaeTrainingConfig, from_dict
     from darkmatter.families import parse_sae_id
-    from darkmatter.train import train_to_folder
+    from darkmatter.train import threads_for, train_to_folder
 
     params = json.loads(args.params)
     cfg = from_dict(SaeTrainingConfig, params["training"], "params.training")
@@ -118,6 +118,7 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     store = ActivationStore(args.activations)
+    torch.set_num_threads(threads_for(store.d_model(args.hook), spec.d_sae, cfg.batch_size, torch.get_num_threads()))
     model_name = read_json(args.model).get("name")
     context = {"model_name": model_name, "hook_name": args.hook, "context_size": store.meta["context_size"]}
     # SAELens keeps these at the top level (pre-6) and under metadata (6.x); positions < min_pos never trained on

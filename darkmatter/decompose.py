@@ -175,8 +175,11 @@ class ErrorDecomposition:
     nonlinear_error_norm: np.ndarray | None
 
 
-def _error_fit(design: Design, vector: Split, norm_sq: Split | None, no_intercept: Design | None) -> ErrorFit:
-    """Solve for b* and derive R² and the FVUs from the moments of both splits (no pass over the rows)."""
+def error_fit(design: Design, vector: Split, norm_sq: Split | None = None,
+              no_intercept: Design | None = None) -> ErrorFit:
+    """:class:`ErrorFit` from moments alone (no pass over the rows): b* from the fit split of ``vector`` (the
+    error's (fit, test) :class:`TargetMoments`), test R², and the FVUs pooled over both splits; ``norm_sq``: the
+    (fit, test) moments of ‖error‖²; ``no_intercept``: a design without intercept on the same x moments."""
     fit_v, test_v = vector
     lin = design.solve(fit_v)
     all_x = design.all_rows
@@ -203,6 +206,9 @@ def _error_fit(design: Design, vector: Split, norm_sq: Split | None, no_intercep
         fvu_total=fvu_total, fvu_nonlinear=fvu_nonlinear, fvu_linear=fvu_total - fvu_nonlinear,
         n_fit=fit_v.n, n_test=0 if test_v is None else test_v.n,
     )
+
+
+_error_fit = error_fit  # the name analyses/synthetic_validation.py imported first; prefer error_fit
 
 
 def _sibling_without_intercept(design: Design) -> Design | None:
@@ -271,7 +277,7 @@ def decompose(x: ArrayLike, x_hat: ArrayLike | None = None, *, error: ArrayLike 
     norms = None
     if norm_sq:
         norms = (moments[0].select(slice(d, d + 1)), moments[1].select(slice(d, d + 1)))  # type: ignore[union-attr]
-    result = _error_fit(design, vector, norms, _sibling_without_intercept(design))
+    result = error_fit(design, vector, norms, _sibling_without_intercept(design))
     if not per_token:
         return ErrorDecomposition(result, None, None, None)
     e_norm, l_norm, nl_norm = (np.empty(n, dtype=np.float32) for _ in range(3))
@@ -469,7 +475,7 @@ def decompose_family(x: ArrayLike, saes: Sequence[SparseCodes], *, design: Desig
     no_intercept = _sibling_without_intercept(design)
     out = []
     for i, ((vector, norms), codes) in enumerate(zip(moments, saes, strict=True)):
-        out.append(_error_fit(design, vector, norms, no_intercept))
+        out.append(error_fit(design, vector, norms, no_intercept))
         log.info("SAE %d/%d (d_sae=%d): FVU %.4f, nonlinear %.4f, R² vector %.4f", i + 1, len(saes), codes.d_sae,
                  out[-1].fvu_total, out[-1].fvu_nonlinear,
                  out[-1].r2_vector.r2_mean_dims if out[-1].r2_vector else float("nan"))

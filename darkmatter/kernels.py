@@ -13,8 +13,10 @@ only the encoder forward is a GEMM, everything else touches the selected (token,
 - ∂b_dec through x_c = x − b_dec is −W_enc·∂b_enc, a GEMV, because x itself needs no gradient;
 - the top-k itself is an exact pyramid of group maxima (:func:`topk_rows`), ~2x cheaper than torch.topk.
 
-Selections are stored flat in CSR order (entries sorted by token), so TopK (k per token), BatchTopK (a variable
-number per token) and the AuxK dead-latent selection share the same kernels.
+Selections are stored flat in CSR order (entries sorted by token), so TopK (k per token) and BatchTopK (a variable
+number per token) share the same kernels. AuxK's dead latents are few columns chosen before the step: for them
+the encoder returns the dense pre-activation columns and the aux decoder is a small GEMM (embedding bags reach
+~3 GFLOP/s here, a GEMM ~80, so dense wins until the dead latents number ~25·k_aux).
 """
 
 from __future__ import annotations
@@ -53,15 +55,6 @@ class Selection:
         if self._by_latent is None:
             self._by_latent = _group_by(self.cols, self.rows, self.d_sae)
         return self._by_latent
-
-    @staticmethod
-    def concat(sels: list[Selection]) -> Selection:
-        if len(sels) == 1:
-            return sels[0]
-        rows = torch.cat([s.rows for s in sels])
-        cols = torch.cat([s.cols for s in sels])
-        # offsets are only used for decoding a single selection; the concatenation is never decoded
-        return Selection(rows, torch.empty(0, dtype=torch.long), cols, sels[0].d_sae)
 
 
 # Index bookkeeping on the nnz entries runs in numpy: single-threaded, it costs well under a millisecond, while
@@ -151,81 +144,117 @@ def batch_topk_select(pre: Tensor, k: int, candidates: int = 4) -> tuple[Selecti
     return Selection(rows, _csr(rows, n_tok), cols, d_sae), _widen(vals)
 
 
-def dead_topk_select(pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Selection, Tensor]:
-    """Top ``k_aux`` pre-activations per token among the latents ``dead`` [n_dead] (AuxK, Gao et al. 2024)."""
-    n_tok, d_sae = pre.shape
-    k_aux = min(k_aux, dead.numel())
-    vals, local = topk_rows(pre.index_select(1, dead), k_aux)
-    return Selection(*_fixed_rows(n_tok, k_aux), cols=dead[local.reshape(-1)], d_sae=d_sae), _widen(vals.reshape(-1))
-
-
-SelectFn = Callable[[Tensor], list[tuple[Selection, Tensor]]]
+SelectFn = Callable[[Tensor], tuple[Selection, Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------- encoder
+
+_WORKSPACE: dict[str, Tensor] = {}
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A scratch buffer kept between calls (one per name; reallocated when the shape changes).
+
+    The pre-activations are hundreds of MB per step; a fresh allocation is returned to the OS when freed and
+    page-faulted in again on the next step, which costs about a third of a write pass over it.
+    """
+    buf = _WORKSPACE.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        _WORKSPACE.pop(name, None)
+        buf = _WORKSPACE[name] = torch.empty(shape, dtype=dtype)
+    return buf
+
 
 
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, select: SelectFn,
-                bf16: bool, out_sels: list[Selection]) -> tuple[Tensor, ...]:
+                dense_cols: Tensor | None, bf16: bool, out_sel: list[Selection]) -> tuple[Tensor, Tensor]:
         x_c = x - b_dec if b_dec is not None else x
+        n_tok, (d_in, d_sae) = x.shape[0], W_enc.shape
         if bf16:  # the one big GEMM in bf16 (fp32 accumulation inside oneDNN; outputs rounded to bf16)
+            # b_enc rides in the GEMM as an extra input column of ones: no [N, d_sae] bias broadcast pass
+            # (measured ~25% faster than addmm here); W_enc needs a bf16 copy anyway
             x_c = x_c.bfloat16()
-            pre = torch.addmm(b_enc.bfloat16(), x_c, W_enc.bfloat16())
-        else:
-            pre = torch.addmm(b_enc, x_c, W_enc)
-        picked = select(pre)
+            W_aug = _workspace("W_aug", (d_sae, d_in + 1), torch.bfloat16)  # [W_encᵀ | b_enc], W_enc_T's layout
+            W_aug[:, :d_in].copy_(W_enc.t())
+            W_aug[:, d_in].copy_(b_enc)
+            x_aug = _workspace("x_aug", (n_tok, d_in + 1), torch.bfloat16)
+            x_aug[:, :d_in].copy_(x_c)
+            x_aug[:, d_in] = 1
+            pre = torch.mm(x_aug, W_aug.t(), out=_workspace("pre", (n_tok, d_sae), torch.bfloat16))
+        else:  # (fp32: the ones column made MKL's GEMM slower than the broadcast)
+            pre = torch.addmm(b_enc, x_c, W_enc, out=_workspace("pre", (n_tok, d_sae), W_enc.dtype))
+        sel, vals = select(pre)
+        cols = dense_cols if dense_cols is not None else torch.empty(0, dtype=torch.long)
+        dense = _widen(pre.index_select(1, cols))
         del pre
-        sels = [s for s, _ in picked]
-        out_sels.extend(sels)
-        ctx.sels = sels
-        ctx.has_b_dec = b_dec is not None
+        out_sel.append(sel)
+        ctx.sel, ctx.cols, ctx.has_b_dec = sel, cols, b_dec is not None
         # in bf16 mode x_c is kept in bf16: the weight-gradient bags then read half the bytes (2x faster)
         ctx.save_for_backward(x_c, W_enc)
-        return tuple(v for _, v in picked)
+        return vals, dense
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g_vals: Tensor | None, g_dense: Tensor | None) -> tuple[Tensor | None, ...]:
         x_c, W_enc = ctx.saved_tensors
-        used = [(s, g) for s, g in zip(ctx.sels, grads, strict=True) if g is not None]
-        d_sae = W_enc.shape[1]
-        if not used:
-            return None, None, None, None, None, None, None
-        sel = Selection.concat([s for s, _ in used])
-        gp = torch.cat([g for _, g in used]) if len(used) > 1 else used[0][1]
-        gp = gp.to(W_enc.dtype)
+        sel: Selection = ctx.sel
+        cols: Tensor = ctx.cols
+        d_in, d_sae = W_enc.shape
+        if g_dense is not None and cols.numel() == 0:
+            g_dense = None
         grad_x = grad_b_dec = grad_W = grad_b = None
-        grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype).index_add_(0, sel.cols, gp)
+        grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype)
+        if g_vals is not None:
+            g_vals = g_vals.to(W_enc.dtype)
+            grad_b_enc.index_add_(0, sel.cols, g_vals)
+        if g_dense is not None:
+            g_dense = g_dense.to(W_enc.dtype)
+            grad_b_enc.index_add_(0, cols, g_dense.sum(0))
         if ctx.needs_input_grad[2]:
-            order, rows, lat_off = sel.by_latent()
-            # [d_sae, d_in]: bag i = Σ over entries selecting latent i of g·x_c[row]
-            grad_W_T = F.embedding_bag(rows, x_c, lat_off, mode="sum", per_sample_weights=gp[order].to(x_c.dtype))
-            # one transposing (and widening) copy of d_sae·d_in values: cheaper than letting fused Adam copy a
-            # strided parameter twice
-            grad_W = grad_W_T.t().to(W_enc.dtype, memory_format=torch.contiguous_format)
+            if g_vals is not None:
+                order, rows, lat_off = sel.by_latent()
+                # [d_sae, d_in]: bag i = Σ over entries selecting latent i of g·x_c[row]
+                grad_W_T = F.embedding_bag(rows, x_c, lat_off, mode="sum",
+                                           per_sample_weights=g_vals[order].to(x_c.dtype))
+            else:
+                grad_W_T = torch.zeros(d_sae, d_in, dtype=W_enc.dtype)
+            if g_dense is not None:  # the dense columns: one GEMM [m, N]·[N, d_in] (bf16 in bf16 mode)
+                grad_W_T = grad_W_T.to(W_enc.dtype)
+                grad_W_T.index_add_(0, cols, (g_dense.t().to(x_c.dtype) @ x_c).to(W_enc.dtype))
+            # returned in W_enc's own layout: free for Sae.W_enc (a view of the contiguous W_enc_T), one
+            # transposing copy for a contiguous [d_in, d_sae] tensor
+            grad_W = grad_W_T.to(W_enc.dtype).t()
+            if grad_W.stride() != W_enc.stride():
+                grad_W = grad_W.contiguous()
         if ctx.needs_input_grad[3]:
             grad_b = grad_b_enc
         if ctx.has_b_dec and ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if ctx.needs_input_grad[0]:
-            offsets = _csr(sel.rows, x_c.shape[0])
-            grad_x = F.embedding_bag(sel.cols, W_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=gp)
-        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None
+            grad_x = torch.zeros(x_c.shape, dtype=W_enc.dtype)
+            if g_vals is not None:
+                grad_x += F.embedding_bag(sel.cols, W_enc.t().contiguous(), sel.offsets, mode="sum",
+                                          per_sample_weights=g_vals)
+            if g_dense is not None:
+                grad_x += g_dense @ W_enc.t().index_select(0, cols)
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
 
 
 def sparse_encode(x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, select: SelectFn,
-                  bf16: bool = False) -> tuple[list[Selection], list[Tensor]]:
-    """Pre-activations of the selected entries only, with a sparse backward.
+                  bf16: bool = False, dense_cols: Tensor | None = None) -> tuple[Selection, Tensor, Tensor]:
+    """Pre-activations of the selected entries (and optionally of a few whole columns), with a sparse backward.
 
     x [N, d_in] (normally without gradient), b_dec [d_in] or None (not subtracted), W_enc [d_in, d_sae],
-    b_enc [d_sae]; ``select(pre)`` returns [(Selection, values)] (e.g. TopK and AuxK). Returns the selections
-    and one value tensor [nnz] per selection (float32 when the GEMM ran in bf16), differentiable w.r.t. x,
-    b_dec, W_enc and b_enc.
+    b_enc [d_sae]; ``select(pre)`` returns (Selection, values [nnz]) (TopK, BatchTopK). ``dense_cols`` [m]
+    (AuxK's dead latents) also returns pre[:, dense_cols] [N, m] as a dense tensor: for a small set of columns
+    a GEMM is ~25x faster per entry than the embedding bags. Returns (selection, values, dense [N, m], m = 0
+    without ``dense_cols``), values and dense in float32 or wider and differentiable w.r.t. x, b_dec, W_enc,
+    b_enc.
     """
-    sels: list[Selection] = []
-    vals = _SparseEncode.apply(x, b_dec, W_enc, b_enc, select, bf16, sels)
-    return sels, list(vals)
+    out: list[Selection] = []
+    vals, dense = _SparseEncode.apply(x, b_dec, W_enc, b_enc, select, dense_cols, bf16, out)
+    return out[0], vals, dense
 
 
 # ---------------------------------------------------------------------------------------------- decoder
@@ -264,14 +293,15 @@ class _SparseSquaredError(torch.autograd.Function):
                                      per_sample_weights=vals[order].to(g.dtype))
         if ctx.has_b_dec and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
-        return grad_vals, grad_W, grad_b, None, None
+        grad_target = -g if ctx.needs_input_grad[3] else None
+        return grad_vals, grad_W, grad_b, grad_target, None
 
 
 def sparse_squared_error(vals: Tensor, sel: Selection, W_dec: Tensor, b_dec: Tensor | None,
                          target: Tensor) -> tuple[Tensor, Tensor]:
     """Sparse decode and squared error in one pass: x_hat = Σ_j vals[j]·W_dec[cols[j]] (+ b_dec) per token.
 
-    Returns (sse = Σ‖target − x_hat‖², a scalar differentiable w.r.t. vals, W_dec and b_dec;
+    Returns (sse = Σ‖target − x_hat‖², a scalar differentiable w.r.t. vals, W_dec, b_dec and target;
     err = target − x_hat [N, d_in], without gradient). Fusing the loss saves ~6 full-size elementwise passes
     of autograd's chain (add, sub, pow, sum and their backward).
     """

@@ -28,9 +28,9 @@ from darkmatter.kernels import (
     Selection,
     Step,
     batch_topk_select,
-    dead_topk_select,
     sparse_encode,
     sparse_squared_error,
+    topk_rows,
     topk_select,
 )
 from darkmatter.sae import Sae
@@ -71,33 +71,44 @@ def _fired(sel: Selection, acts: Tensor, d_sae: int) -> Tensor:
     return torch.from_numpy(np.bincount(sel.cols.numpy()[acts.numpy() > 0], minlength=d_sae) > 0)
 
 
+def auxk_sse(dead_pre: Tensor, dead: Tensor, k_aux: int, W_dec: Tensor, residual: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024, App. B.1): Σ‖residual − Σ_{top k_aux dead latents} ReLU(pre)·W_dec‖².
+
+    dead_pre [N, m] pre-activations of the dead latents ``dead`` [m]; residual [N, d_in] without gradient.
+    """
+    acts = dead_pre.relu()
+    if dead.numel() > k_aux:  # keep each token's k_aux largest
+        keep = topk_rows(dead_pre.detach(), k_aux)[1]
+        acts = acts * torch.zeros_like(acts).scatter_(1, keep, 1.0)
+    diff = acts @ W_dec.index_select(0, dead) - residual
+    return (diff.float() if diff.dtype == torch.bfloat16 else diff).pow(2).sum()
+
+
 def topk_step(sae: Sae, x: Tensor, spec: LossSpec) -> StepOutput:
     """TopK / BatchTopK with the sparse kernels (darkmatter.kernels) and optional AuxK."""
     batch = sae.architecture == "batchtopk"
     use_aux = spec.dead is not None and spec.dead.numel() > 0 and spec.auxk_coef > 0 and spec.k_aux > 0
 
-    def select(pre: Tensor) -> list[tuple[Selection, Tensor]]:
-        out = [batch_topk_select(pre, spec.k) if batch else topk_select(pre, spec.k)]
-        if use_aux:
-            assert spec.dead is not None
-            out.append(dead_topk_select(pre, spec.dead, spec.k_aux))
-        return out
+    def select(pre: Tensor) -> tuple[Selection, Tensor]:
+        return batch_topk_select(pre, spec.k) if batch else topk_select(pre, spec.k)
 
     b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
-    sels, vals = sparse_encode(x, b_dec, sae.W_enc, sae.b_enc, select, bf16=spec.bf16)
-    acts = vals[0].relu()  # OpenAI: ReLU on the selected values only
-    sse, err = sparse_squared_error(acts, sels[0], sae.W_dec, sae.b_dec, x)
+    sel, vals, dead_pre = sparse_encode(x, b_dec, sae.W_enc, sae.b_enc, select, bf16=spec.bf16,
+                                        dense_cols=spec.dead if use_aux else None)
+    acts = vals.relu()  # OpenAI: ReLU on the selected values only
+    sse, err = sparse_squared_error(acts, sel, sae.W_dec, sae.b_dec, x)
     fvu = sse / batch_variance(x)
     loss = fvu
     aux = torch.zeros(())
     if use_aux:  # err carries no gradient: the residual target is detached (SAELens, OpenAI)
-        sse_aux, _ = sparse_squared_error(vals[1].relu(), sels[1], sae.W_dec, None, err)
-        aux = sse_aux / batch_variance(err)
+        assert spec.dead is not None
+        with _autocast(spec.bf16):  # its GEMMs grow with the number of dead latents
+            aux = auxk_sse(dead_pre, spec.dead, spec.k_aux, sae.W_dec, err) / batch_variance(err)
         loss = loss + spec.auxk_coef * aux
     acts = acts.detach()
     positive = acts > 0
     min_act = acts[positive].min() if batch and bool(positive.any()) else None
-    return StepOutput(loss, fvu.detach(), positive.sum() / x.shape[0], aux.detach(), _fired(sels[0], acts, sae.d_sae),
+    return StepOutput(loss, fvu.detach(), positive.sum() / x.shape[0], aux.detach(), _fired(sel, acts, sae.d_sae),
                       min_act)
 
 

@@ -78,8 +78,13 @@ def default_cfg(architecture: str, d_in: int, d_sae: int, k: int | None = None, 
 class Sae(nn.Module):
     """A sparse autoencoder with the dense inference forward pass shared by all architectures.
 
-    Parameters (SAELens names and shapes): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in],
+    Tensors (SAELens names and shapes): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in],
     and threshold [d_sae] (a parameter for jumprelu, a buffer for batchtopk, None otherwise).
+
+    ``W_enc`` is a view of the parameter ``W_enc_T`` [d_sae, d_in] (nn.Linear's layout): the sparse training
+    kernels read and write whole rows of it (one latent's encoder vector), so its gradient needs no transposing
+    copy and fused Adam sees a contiguous tensor. Read and modify it in place as ``sae.W_enc`` (shape
+    [d_in, d_sae]); ``named_parameters()`` lists it as ``W_enc_T``.
     """
 
     def __init__(self, cfg: dict[str, Any]):
@@ -101,7 +106,7 @@ class Sae(nn.Module):
         self.d_sae: int = cfg["d_sae"]
         self.k: int | None = cfg.get("k") if arch in TOPK_ARCHITECTURES else None
         dtype = DTYPES[self.cfg["dtype"]]
-        self.W_enc = nn.Parameter(torch.zeros(self.d_in, self.d_sae, dtype=dtype))
+        self.W_enc_T = nn.Parameter(torch.zeros(self.d_sae, self.d_in, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae, dtype=dtype))
         self.W_dec = nn.Parameter(torch.zeros(self.d_sae, self.d_in, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(self.d_in, dtype=dtype))
@@ -112,6 +117,11 @@ class Sae(nn.Module):
             self.register_buffer("threshold", torch.zeros(self.d_sae, dtype=dtype))
         else:
             self.threshold = None
+
+    @property
+    def W_enc(self) -> Tensor:
+        """[d_in, d_sae], a view of ``W_enc_T`` (in-place changes reach the parameter)."""
+        return self.W_enc_T.t()
 
     @property
     def apply_b_dec_to_input(self) -> bool:

@@ -9,12 +9,12 @@ from darkmatter.kernels import (
     JumpReLU,
     Step,
     batch_topk_select,
-    dead_topk_select,
     sparse_encode,
     sparse_squared_error,
     topk_rows,
     topk_select,
 )
+from darkmatter.objectives import auxk_sse
 from darkmatter.sae import Sae, default_cfg
 
 N, D_IN, D_SAE, K = 48, 16, 96, 4
@@ -57,22 +57,22 @@ def dead_mask(pre: torch.Tensor, k_aux: int) -> torch.Tensor:
     return topk_mask(masked, k_aux)
 
 
-# name: (sparse selection of the main and optional AuxK entries, dense reference masks)
+# name: (sparse selection, AuxK on the DEAD latents?, dense reference masks)
 CASES = {
-    "topk": (lambda p: [topk_select(p, K)], lambda p: (topk_mask(p, K), None)),
-    "batchtopk": (lambda p: [batch_topk_select(p, K)], lambda p: (batch_mask(p, K), None)),
+    "topk": (lambda p: topk_select(p, K), False, lambda p: (topk_mask(p, K), None)),
+    "batchtopk": (lambda p: batch_topk_select(p, K), False, lambda p: (batch_mask(p, K), None)),
     # candidates=1 makes some token need more than k winners: exercises the exact fallback
-    "batchtopk_fallback": (lambda p: [batch_topk_select(p, K, candidates=1)], lambda p: (batch_mask(p, K), None)),
-    "topk+auxk": (lambda p: [topk_select(p, K), dead_topk_select(p, DEAD, 3)],
-                  lambda p: (topk_mask(p, K), dead_mask(p, 3))),
+    "batchtopk_fallback": (lambda p: batch_topk_select(p, K, candidates=1), False, lambda p: (batch_mask(p, K), None)),
+    "topk+auxk": (lambda p: topk_select(p, K), True, lambda p: (topk_mask(p, K), dead_mask(p, 3))),
 }
 
 
-def fast_loss(sae: Sae, x: torch.Tensor, select) -> torch.Tensor:
-    sels, vals = sparse_encode(x, sae.b_dec, sae.W_enc, sae.b_enc, select)
-    loss, err = sparse_squared_error(vals[0].relu(), sels[0], sae.W_dec, sae.b_dec, x)
-    if len(vals) > 1:  # AuxK: reconstruct the (detached) residual from the dead latents, no b_dec
-        loss = loss + sparse_squared_error(vals[1].relu(), sels[1], sae.W_dec, None, err)[0]
+def fast_loss(sae: Sae, x: torch.Tensor, select, aux: bool, bf16: bool = False) -> torch.Tensor:
+    sel, vals, dead_pre = sparse_encode(x, sae.b_dec, sae.W_enc, sae.b_enc, select, bf16=bf16,
+                                        dense_cols=DEAD if aux else None)
+    loss, err = sparse_squared_error(vals.relu(), sel, sae.W_dec, sae.b_dec, x)
+    if aux:  # AuxK: reconstruct the (detached) residual from the top-3 dead latents, no b_dec
+        loss = loss + auxk_sse(dead_pre, DEAD, 3, sae.W_dec, err)
     return loss
 
 
@@ -87,7 +87,7 @@ def dense_loss(sae: Sae, x: torch.Tensor, masks) -> torch.Tensor:
 
 
 def grads(sae: Sae, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    sae.zero_grad()
+    sae.zero_grad(set_to_none=True)
     loss.backward()
     return {name: p.grad.clone() for name, p in sae.named_parameters()}
 
@@ -96,14 +96,16 @@ def grads(sae: Sae, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_sparse_kernels_equal_dense_autograd_in_float64(case):
     # float64: the two computations sum the same terms in different orders, so they agree to ~1e-15
     # relative; 1e-10 leaves room for that and fails on any missing or extra gradient term.
-    select, masks = CASES[case]
+    select, aux, masks = CASES[case]
     sae, x = random_sae(torch.float64)
-    fast = fast_loss(sae, x, select)
-    g_fast = grads(sae, fast)
+    x.requires_grad_(True)  # training never needs ∂x, but the kernels provide it
+    fast = fast_loss(sae, x, select, aux)
+    g_fast = grads(sae, fast) | {"x": x.grad.clone()}
+    x.grad = None
     dense = dense_loss(sae, x, masks)
-    g_dense = grads(sae, dense)
+    g_dense = grads(sae, dense) | {"x": x.grad.clone()}
     assert float(fast.detach()) == pytest.approx(float(dense.detach()), rel=1e-10)
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    for name in ("W_enc_T", "b_enc", "W_dec", "b_dec", "x"):
         err = (g_fast[name] - g_dense[name]).abs().max() / g_dense[name].abs().max()
         assert 0 <= err <= 1e-10, name
 
@@ -111,9 +113,9 @@ def test_sparse_kernels_equal_dense_autograd_in_float64(case):
 def test_sparse_kernels_equal_dense_autograd_in_float32():
     # float32 (what training runs): each gradient entry sums ≤ N·K = 192 products; with unit eps 6e-8 the
     # rounding difference stays below ~1e-5 of the largest entry. 1e-4 is tight enough to catch a wrong term.
-    select, masks = CASES["topk+auxk"]
+    select, aux, masks = CASES["topk+auxk"]
     sae, x = random_sae(torch.float32)
-    g_fast = grads(sae, fast_loss(sae, x, select))
+    g_fast = grads(sae, fast_loss(sae, x, select, aux))
     g_dense = grads(sae, dense_loss(sae, x, masks))
     for name, g in g_dense.items():
         assert (g_fast[name] - g).abs().max() / g.abs().max() <= 1e-4, name
@@ -124,16 +126,15 @@ def test_bf16_mode_changes_loss_and_gradients_only_by_rounding():
     # loss and gradients by about as much; 2% (loss) and 5% (gradient norm) allow a tie-broken top-k swap or
     # two. They must not be identical either (bf16 really ran).
     sae, x = random_sae(torch.float32)
-    select = CASES["topk"][0]
-    exact = fast_loss(sae, x, select)
+    select, aux, _ = CASES["topk+auxk"]
+    exact = fast_loss(sae, x, select, aux)
     g_exact = grads(sae, exact)
-    sels, vals = sparse_encode(x, sae.b_dec, sae.W_enc, sae.b_enc, select, bf16=True)
-    approx = sparse_squared_error(vals[0].relu(), sels[0], sae.W_dec, sae.b_dec, x)[0]
+    approx = fast_loss(sae, x, select, aux, bf16=True)
     g_approx = grads(sae, approx)
     assert 0 < abs(float(approx.detach()) / float(exact.detach()) - 1) < 0.02
     for name, g in g_exact.items():
         assert 0 < float((g_approx[name] - g).norm() / g.norm()) < 0.05, name
-    assert g_approx["W_enc"].dtype == torch.float32 and g_approx["W_enc"].is_contiguous()
+    assert g_approx["W_enc_T"].dtype == torch.float32 and g_approx["W_enc_T"].is_contiguous()
 
 
 @pytest.mark.parametrize("shape,k", [((64, 9216), 32), ((7, 4096), 128), ((5, 1000), 3), ((3, 40), 40)])
@@ -173,3 +174,19 @@ def test_jumprelu_and_step_straight_through_gradients():
     th.grad = None
     Step.apply(z, th, eps).sum().backward()
     assert torch.allclose(th.grad, torch.tensor([-10.0, -10.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_encoder_weight_gradient_comes_in_the_weights_own_layout():
+    # Sae.W_enc is a view of the contiguous W_enc_T (no transposing copy); a plain contiguous [d_in, d_sae]
+    # weight gets a contiguous gradient. Both must hold the same numbers.
+    sae, x = random_sae(torch.float32)
+    select = CASES["topk"][0]
+    W_plain = sae.W_enc.detach().contiguous().requires_grad_(True)
+    out = {}
+    for name, W in (("view", sae.W_enc), ("plain", W_plain)):
+        _, vals, _ = sparse_encode(x, sae.b_dec, W, sae.b_enc, select)
+        (g,) = torch.autograd.grad(vals.pow(2).sum(), W)
+        assert g.stride() == W.stride() and g.shape == (D_IN, D_SAE), name
+        out[name] = g
+    assert torch.equal(out["view"], out["plain"])
+    assert sae.W_enc.stride() == (1, D_IN) and W_plain.stride() == (D_SAE, 1)

@@ -224,8 +224,8 @@ def test_snakemake_rule_and_snakemake_report(tmp_path):
     cfg = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text()) | {"name": "synthetic"}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     # Whatever analyses the config lists: an empty folder each (the report shows them as not run).
-    for a in getattr(load_config(data=cfg), "analyses", ()):
-        (exp.results / "analyses" / (a if isinstance(a, str) else a.name)).mkdir(parents=True, exist_ok=True)
+    for a in load_config(data=cfg).analysis.names:
+        (exp.results / "analyses" / a).mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "snakemake", "--cores", "1", "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(tmp_path), "--configfile", str(tmp_path / "cfg.yaml"),
             "--allowed-rules", "render_report"]

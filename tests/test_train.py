@@ -104,6 +104,20 @@ def test_same_seed_is_bitwise_identical_and_another_seed_is_not():
     assert a.log.equals(b.log)
 
 
+def test_two_threads_are_bitwise_reproducible_too():
+    # training runs with 2 threads: parallel GEMMs, reductions and embedding bags must not reorder sums
+    data, spec, cfg = small_run()
+    data = np.ascontiguousarray(np.tile(data, (1, 4)))  # d_in 64 with 256 latents: ops big enough to go parallel
+    spec = dataclasses.replace(spec, d_sae=256)
+    torch.set_num_threads(2)
+    runs = [Trainer(data, spec, dataclasses.replace(cfg, tokens=256 * 8, autocast_bf16=bf16)).run(progress=False)
+            for bf16 in (False, False, True, True)]
+    for a, b in (runs[:2], runs[2:]):
+        for name, t in weights(a).items():
+            assert torch.equal(t, weights(b)[name]), name
+    assert not torch.equal(weights(runs[0])["W_enc"], weights(runs[2])["W_enc"])  # bf16 really differs
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_resumed_run_ends_with_the_same_weights(tmp_path, arch):
     data, spec, cfg = small_run(arch)

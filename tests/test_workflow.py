@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from darkmatter.config import load_config
+from darkmatter.families import expand_families
+from darkmatter.store import connect
 from tests.conftest import REPO
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -61,10 +64,26 @@ def test_smoke_workflow_end_to_end(tmp_path):
     res = _run(args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     results = tmp_path / "results" / "smoke"
+    cfg = load_config(REPO / "config" / "smoke.yaml")
     for split in ("train", "eval"):
         meta = json.loads((results / "activations" / split / "meta.json").read_text())
         assert meta["hooks"] == ["blocks.1.hook_resid_post"]
         assert (results / "activations" / split / "provenance.json").is_file()
+    n_saes = len(expand_families(cfg))
+    with connect(results / "darkmatter.duckdb") as con:
+        n_tokens = con.execute("SELECT count(*) FROM tokens").fetchone()[0]
+        assert n_tokens == cfg.harvest.eval_contexts * (cfg.harvest.context_size - cfg.harvest.min_pos)
+        assert con.execute("SELECT count(*) FROM token_errors").fetchone()[0] == n_tokens * n_saes
+        fvu = dict(con.execute("SELECT sae_id, fvu FROM saes").fetchall())
+        assert len(fvu) == n_saes and all(0 < v < 1 for v in fvu.values())
+        assert con.execute("SELECT count(DISTINCT sae_id) FROM token_ce WHERE sae_id <> ''").fetchone()[0] == n_saes
+    for name in cfg.analysis.names:
+        summary = json.loads((results / "analyses" / name / "summary.json").read_text())
+        numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        assert numbers, name
+    index = (tmp_path / "reports" / "smoke" / "index.html").read_text()
+    assert all(f'id="analysis-{name}"' in index for name in cfg.analysis.names)
+    assert (tmp_path / "reports" / "smoke" / "browser.html").is_file()
     # A second run has nothing to do.
     again = _run([*args, "-n"])
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

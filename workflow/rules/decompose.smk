@@ -1,4 +1,6 @@
 # Per-SAE error measurement (x_hat, b*, per-token errors), CE with the error parts spliced in, and the store.
+import os
+
 from darkmatter.families import expand_families
 
 MEMBERS = expand_families(EXP)
@@ -65,7 +67,8 @@ rule build_database:
     params:
         py=PY,
         config=json.dumps(to_dict(EXP), sort_keys=True),
-        results=RESULTS,
+        # results/<exp>, derived from an input path (results/<exp>/model/model.json)
+        results=lambda wildcards, input: os.path.dirname(os.path.dirname(input.model)),
     conda:
         "../envs/darkmatter.yaml"
     log:
