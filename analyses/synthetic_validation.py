@@ -35,7 +35,7 @@ import torch
 from analyses._common import choose_sae, decomposition, family_saes, note_figure, options
 from analyses._eval import LatentStats, Rows, encode_rows, subsample
 from darkmatter.analysis import AnalysisContext, run_cli
-from darkmatter.decompose import SparseCodes, _error_fit
+from darkmatter.decompose import SparseCodes, error_fit
 from darkmatter.metrics import FvuAccumulator
 from darkmatter.regression import Design, TargetMoments, split_mask, stream_moments
 from darkmatter.sae_formats import load_any
@@ -153,7 +153,7 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
             for rec in opts["noise_levels"]:
                 s_rec = rec * opts["noise_step"] * unit
                 split = tuple(combine(e, z, dot, s_rec) for e, z, dot in zip(e_split, z_split, dots, strict=True))
-                fit = _error_fit(design, split, None, None)
+                fit = error_fit(design, split, None, None)
                 rows.append(base | counts[p] | {
                     "ablate_percent": float(p), "act_level": act, "rec_level": rec, "sigma_act": s_act,
                     "sigma_rec": s_rec, "true_ablation": true_ablation[p] / tss_clean,

@@ -208,7 +208,6 @@ def error_fit(design: Design, vector: Split, norm_sq: Split | None = None,
     )
 
 
-_error_fit = error_fit  # the name analyses/synthetic_validation.py imported first; prefer error_fit
 
 
 def _sibling_without_intercept(design: Design) -> Design | None:
