@@ -208,8 +208,6 @@ def error_fit(design: Design, vector: Split, norm_sq: Split | None = None,
     )
 
 
-
-
 def _sibling_without_intercept(design: Design) -> Design | None:
     """The same moments factorised without intercept (cheap: one d×d factorisation), or None."""
     if not design.intercept:
