@@ -19,7 +19,7 @@ Two routes to the error's statistics:
   Σx̃ᵀe = Σx̃ᵀx̃ + Σx̃·(s − b_dec)ᵀ − (Σx̃ᵀz)·W_dec, where x̃ = x − s and Σx̃ᵀz [d, d_sae] is a sparse product
   (N·k·d multiply-adds instead of the dense N·d²). The error is decoded once (``embedding_bag``, N·k·d) for Σe,
   Σe² and ‖e‖². On a CPU the sparse product (a scatter into random rows of a [d_sae, d] accumulator) is
-  memory-bound, so it beats the float64 GEMM only when d/k is large; ``method="auto"`` decides per SAE
+  memory-bound, so it beats the dense GEMM only when d/k is large; ``method="auto"`` decides per SAE
   (:func:`choose_method`, measured in bench/regression.py). The whole family is one pass over x.
 """
 
@@ -65,6 +65,7 @@ Split = tuple[TargetMoments, TargetMoments | None]  # (fit, test) moments of one
 # k ≤ 72), and while its two accumulators stay within memory reason.
 SPARSE_MIN_D_OVER_K = 32
 SPARSE_MAX_ACCUMULATOR_BYTES = 128 * 2**20
+CROSS_BLOCK_ROWS = 2048  # rows per float32 GEMM block of :func:`blocked_cross`
 
 
 # --------------------------------------------------------------------------------------------- SAE codes
@@ -305,6 +306,22 @@ def _add(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
         sums[key] = value
 
 
+def blocked_cross(a: Tensor, b: Tensor, block_rows: int = CROSS_BLOCK_ROWS) -> Tensor:
+    """Σ aᵀb [p, q] float64 for float32 rows a [n, p], b [n, q]: float32 GEMMs over blocks of ``block_rows`` rows,
+    summed in float64.
+
+    Why: the error's cross moment with x is the one N·d² product per SAE, and a float32 GEMM runs at twice the
+    float64 rate. Rounding stays at the level of the float32 inputs themselves: each block sums at most
+    ``block_rows`` products in float32 (relative error ~ √block_rows · 2⁻²⁴ ≈ 3e-6 of one block's Σ|a||b|, with
+    centred rows), and the blocks add up in float64, so the error does not grow with N. Both inputs must be
+    centred (about a shift), or the cancellation in the centred moments would amplify it.
+    """
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64)
+    for start in range(0, a.shape[0], block_rows):
+        out += a[start : start + block_rows].T @ b[start : start + block_rows]
+    return out
+
+
 class _SaeSums:
     """One SAE's float64 sums over each split, fed chunk by chunk by :func:`family_moments`.
 
@@ -318,10 +335,11 @@ class _SaeSums:
         self.sums: list[dict[str, Tensor]] = [{} for _ in range(n_splits)]
         self.shift: Tensor | None = None  # [t, t_n] (d + 1)
 
-    def add_chunk(self, sl: slice, order: Tensor | None, x32: Tensor, xt: Tensor, splits: list[slice],
-                  buf: Tensor) -> None:
-        """x32 [n, d] float32 and xt = x − s [n, d] float64, rows reordered by ``order`` so that each split is the
-        contiguous slice ``splits[i]`` (views: no copies per split); ``buf`` a float64 scratch [≥ n, d + 1].
+    def add_chunk(self, sl: slice, order: Tensor | None, x32: Tensor, xt: Tensor, xt32: Tensor,
+                  splits: list[slice], buf: Tensor) -> None:
+        """x32 [n, d] float32, xt = x − s [n, d] float64 and xt32 = its float32 rounding, rows reordered by
+        ``order`` so that each split is the contiguous slice ``splits[i]`` (views: no copies per split); ``buf`` a
+        float32 scratch [≥ n, d + 1].
 
         Memory-bound elementwise passes dominate on a CPU, so each is done once, in place, into reused buffers.
         """
@@ -330,29 +348,27 @@ class _SaeSums:
             idx, val = idx[order], val[order]
         n, d = x32.shape
         e32 = self.codes.error_of(x32, idx, val)
-        target = buf[:n]  # [n, d + 1] = [e, ‖e‖²]
-        target[:, :d].copy_(e32)
-        target[:, d] = torch.linalg.vector_norm(e32, dim=1, dtype=torch.float64).square_()
-        if self.shift is None:
-            self.shift = target.mean(0)
-        target.sub_(self.shift)
+        norm_sq = torch.linalg.vector_norm(e32, dim=1, dtype=torch.float64).square_()
+        if self.shift is None:  # rounded to float32 so that the float32 target below is exactly "about" it
+            self.shift = torch.cat([e32.mean(0, dtype=torch.float64), norm_sq.mean()[None]]).float().double()
+        target = buf[:n]  # [n, d + 1] = [e, ‖e‖²] − shift, float32
+        torch.sub(e32, self.shift[:d].float(), out=target[:, :d])
+        target[:, d] = norm_sq.sub_(self.shift[d])
         for i, rows in enumerate(splits):
-            xs, ts = xt[rows], target[rows]
+            ts = target[rows]
             sums = self.sums[i]
-            self.n[i] += xs.shape[0]
-            _add(sums, "sum", ts.sum(0))
+            self.n[i] += ts.shape[0]
+            _add(sums, "sum", ts.sum(0, dtype=torch.float64))
+            _add(sums, "sum_sq", torch.linalg.vector_norm(ts, dim=0, dtype=torch.float64).square_())
             if not self.sparse:
-                _add(sums, "cross", xs.T @ ts)  # [d, d + 1]: the error's and the norm's cross moments
+                _add(sums, "cross", blocked_cross(xt32[rows], ts))  # [d, d + 1]: the error's and the norm's
             else:  # Σ_rows z_rowᵀ x̃_row [d_sae, d]: scipy's CSC product touches only the k nonzeros of each row
-                ii, vv = idx[rows], val[rows]
+                xs, ii, vv = xt[rows], idx[rows], val[rows]
                 z = scipy.sparse.csr_matrix((vv.double().reshape(-1).numpy(), ii.reshape(-1).numpy(),
                                              np.arange(0, ii.numel() + 1, ii.shape[1])),
                                             shape=(ii.shape[0], self.codes.d_sae))
                 _add(sums, "zx", torch.from_numpy(z.T @ xs.numpy()))
-                _add(sums, "n_cross", xs.T @ ts[:, d:])
-        target.square_()  # not needed any more: square in place, no temporary
-        for i, rows in enumerate(splits):
-            _add(self.sums[i], "sum_sq", target[rows].sum(0))
+                _add(sums, "n_cross", xs.T @ ts[:, d:].double())
 
     def moments(self, xms: list[XMoments]) -> tuple[Split, Split]:
         """(vector, norm_sq) moments of every split; ``xms`` = the x moments of the same splits."""
@@ -390,8 +406,8 @@ def family_moments(x: ArrayLike, saes: Sequence[SparseCodes], mask: np.ndarray |
     Per chunk, x is converted, shifted (s: the design's shift, else the first chunk's mean) and reordered so that
     the fit rows come first — once, for every SAE. ``design`` given: its x moments are reused (same rows and
     mask!), else they are accumulated in the same pass. The cross moment Σx̃ᵀ(e − t) [d, d] comes from the sparse
-    codes (``method="sparse"``: Σx̃ᵀx̃ + Σx̃·(s − b_dec − t)ᵀ − (Σx̃ᵀz)·W_dec, float64) or from a float64 GEMM
-    with the decoded error (``"dense"``); ``"auto"`` chooses per SAE (:func:`choose_method`). Σ(e − t),
+    codes (``method="sparse"``: Σx̃ᵀx̃ + Σx̃·(s − b_dec − t)ᵀ − (Σx̃ᵀz)·W_dec, float64) or from float32 GEMMs
+    with the decoded error, summed in float64 (``"dense"``, :func:`blocked_cross`); ``"auto"`` chooses per SAE (:func:`choose_method`). Σ(e − t),
     Σ(e − t)² and ‖e‖² use the error decoded in float32 and are summed in float64. Memory: O(d² + d·d_sae) per
     SAE (sparse: two [d_sae, d] float64 accumulators), independent of N.
     """
@@ -404,7 +420,8 @@ def family_moments(x: ArrayLike, saes: Sequence[SparseCodes], mask: np.ndarray |
     shift = None if design is None else torch.from_numpy(design.shift)
     streams: list[MomentStream] = []
     xt_buf = torch.empty(min(chunk_rows, n), d, dtype=torch.float64)  # reused: fresh 75 MB buffers page-fault
-    target_buf = torch.empty(min(chunk_rows, n), d + 1, dtype=torch.float64)
+    xt32_buf = torch.empty(min(chunk_rows, n), d, dtype=torch.float32)
+    target_buf = torch.empty(min(chunk_rows, n), d + 1, dtype=torch.float32)
     bar = tqdm(total=n, unit="tok", unit_scale=True, disable=not progress, desc=f"family moments ({len(saes)} SAEs)")
     raw_buf = torch.empty(min(chunk_rows, n), d, dtype=torch.float32)
     x32_buf = torch.empty_like(raw_buf)
@@ -425,12 +442,14 @@ def family_moments(x: ArrayLike, saes: Sequence[SparseCodes], mask: np.ndarray |
             shift = x32.mean(0, dtype=torch.float64)
         xt = xt_buf[: x32.shape[0]]
         xt.copy_(x32).sub_(shift)
+        xt32 = xt32_buf[: x32.shape[0]]
+        xt32.copy_(xt)
         if design is None:
             streams = streams or [MomentStream(shift.numpy()) for _ in splits]
             for stream, rows in zip(streams, splits, strict=True):
                 stream.update(xt[rows])
         for acc in accs:
-            acc.add_chunk(sl, order, x32, xt, splits, target_buf)
+            acc.add_chunk(sl, order, x32, xt, xt32, splits, target_buf)
         bar.update(sl.stop - sl.start)
     bar.close()
     if design is None:

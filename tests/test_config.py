@@ -45,6 +45,7 @@ def _bad(tmp_path, data: dict) -> str:
         ({"harvest": {"min_pos": 1024}}, "harvest.min_pos", "context_size - 2"),
         ({"harvest": {"train_min_pos": 0}}, "harvest.train_min_pos", "attention sink"),
         ({"corpus": {"eval_fraction": 1.0}}, "corpus.eval_fraction", "between 0 and 1"),
+        ({"training": {"lr_base": 0}}, "training.lr_base", "> 0"),
         ({"families": [{"name": "w", "widths": [0]}]}, "families[0].widths", ">= 1"),
         ({"families": [{"name": "w", "widths": [16], "ks": [32]}]}, "families[0].ks", "k=32 > width 16"),
         ({"families": [{"name": "w"}, {"name": "w"}]}, "families", "distinct names"),

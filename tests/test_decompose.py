@@ -11,6 +11,7 @@ from sklearn.metrics import r2_score
 
 from darkmatter.decompose import (
     SparseCodes,
+    blocked_cross,
     choose_method,
     decompose,
     decompose_family,
@@ -84,6 +85,20 @@ def test_independent_error_is_nonlinear():
     assert abs(dec.fit.r2_vector.r2_mean_dims) <= tol and abs(dec.fit.r2_vector.r2_pooled) <= tol
     # b* fits noise on the fit rows only: it removes ≈ D/N_fit of the fit rows' error (a χ² with D² dof)
     assert 0 <= dec.fit.fvu_linear / dec.fit.fvu_total <= 5 * D / FIT
+
+
+def test_blocked_cross_is_float64_accurate_and_exact_on_integers():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(10_000, 7, generator=g), torch.randn(10_000, 5, generator=g)
+    ref = a.double().T @ b.double()
+    got = blocked_cross(a, b, block_rows=1000)
+    assert got.dtype == torch.float64
+    # float32 within blocks of 1000 rows: error ≈ √1000·2⁻²⁴ of a block's Σ|a||b| (≈ 800), far below 1e-3
+    assert 0 < (got - ref).abs().max() <= 1e-3
+    # small integers are exact in float32 products and sums: the blocks must add up exactly, in any blocking
+    ai, bi = torch.randint(-8, 8, (10_000, 7), generator=g).float(), torch.randint(-8, 8, (10_000, 5), generator=g).float()
+    exact = ai.double().T @ bi.double()
+    assert torch.equal(blocked_cross(ai, bi, block_rows=999), exact)
 
 
 def test_sparse_cross_moments_equal_dense(data):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from darkmatter import splice
 from darkmatter.activations import capture
 from darkmatter.splice import ce_loss_score, mean_ablation, percent_recovered, splice_losses, zero_ablation
 
@@ -15,10 +16,15 @@ def _ids(seed=0):
     return torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 @pytest.mark.parametrize("hook", HOOKS)
-def test_identity_is_clean_and_prefix_reuse_equals_full_recompute(request, name, hook):
+def test_identity_is_clean_and_prefix_reuse_equals_full_recompute(request, name, hook, attn, monkeypatch):
     model, _ = request.getfixturevalue(name)
+    monkeypatch.setattr(model.config, "_attn_implementation", attn)
+    suffix_paths = []
+    real = splice._suffix_calls
+    monkeypatch.setattr(splice, "_suffix_calls", lambda *a, **k: suffix_paths.append(real(*a, **k)) or suffix_paths[-1])
     ids = _ids()
     noise = torch.randn(2, 24 - 8, 32, generator=torch.Generator().manual_seed(1))
     reps = {"identity": lambda x: x, "noisy": lambda x: x + noise, "zero": zero_ablation,
@@ -27,17 +33,32 @@ def test_identity_is_clean_and_prefix_reuse_equals_full_recompute(request, name,
         fast = splice_losses(model, ids, hook, 8, reps, reuse_prefix=True)
         full = splice_losses(model, ids, hook, 8, reps, reuse_prefix=False)
         ref = model(ids).logits.float()
+    assert len(suffix_paths) == 1 and suffix_paths[0] is not None  # the fast path ran: later positions only
     # Clean CE equals the model's own per-token loss (positions 8..22 predict tokens 9..23).
     ref_ce = torch.nn.functional.cross_entropy(ref[:, 8:-1].transpose(1, 2), ids[:, 9:], reduction="none")
     torch.testing.assert_close(fast.ce["clean"], ref_ce, rtol=1e-5, atol=1e-5)
-    # Splicing the identity reproduces the clean loss exactly (same ops, same order).
-    assert torch.equal(fast.ce["identity"], fast.ce["clean"])
-    assert torch.equal(fast.kl["identity"], torch.zeros_like(fast.kl["identity"]))
-    for key in reps:  # prefix reuse runs the very same block calls: bitwise equal to recomputing everything
-        assert torch.equal(fast.ce[key], full.ce[key]), key
-        assert torch.equal(fast.kl[key], full.kl[key]), key
+    # Splicing the identity into the full pass reproduces the clean loss exactly (same ops, same order).
+    assert torch.equal(full.ce["identity"], full.ce["clean"])
+    assert torch.equal(full.kl["identity"], torch.zeros_like(full.kl["identity"]))
+    # Prefix reuse runs the later blocks on positions >= min_pos over the cached clean keys and values: the same
+    # arithmetic up to float32 summation order (bitwise equal on these tiny models; 1e-5 nats is the bar).
+    for key in reps:
+        torch.testing.assert_close(fast.ce[key], full.ce[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(fast.kl[key], full.kl[key], rtol=0, atol=1e-5, msg=key)
     assert fast.kl["noisy"].mean() > 1e-4  # a real perturbation is visible
     assert (fast.kl["noisy"] >= -1e-6).all()  # KL is non-negative up to float error
+
+
+def test_sliding_window_shorter_than_the_context_falls_back_to_full_recompute(llama, monkeypatch, caplog):
+    model, _ = llama
+    monkeypatch.setattr(model.config, "sliding_window", 12, raising=False)
+    ids = _ids()
+    reps = {"noisy": lambda x: x + 0.5}
+    with torch.no_grad():
+        fast = splice_losses(model, ids, "blocks.1.hook_resid_post", 8, reps)
+        full = splice_losses(model, ids, "blocks.1.hook_resid_post", 8, reps, reuse_prefix=False)
+    assert "recomputing the whole forward pass" in caplog.text
+    assert torch.equal(fast.ce["noisy"], full.ce["noisy"])
 
 
 def test_replacement_cannot_touch_positions_before_min_pos(llama):
