@@ -108,7 +108,9 @@ class SaeTrainingConfig:
     normalize_decoder: bool = True
     auxk_coef: float = 1 / 32
     k_aux: int | None = None  # None: d_in // 2
-    dead_tokens: int = 1_000_000  # a latent not fired for this many tokens counts as dead (for AuxK)
+    # a latent not fired for this many tokens counts as dead (for AuxK). OpenAI use 10M tokens in runs of 10⁹+;
+    # the default run has 2M, where 1M left 26% of a w4096 k=8 SAE dead and 100k 1.3% (eval FVU 0.229 → 0.228)
+    dead_tokens: int = 100_000
     input_scaling: Literal["none", "mean_squared_norm"] = "mean_squared_norm"
     l1_coef: float = 0.05  # relu: initial coefficient of the scale-free, decoder-norm-weighted L1 (darkmatter.objectives)
     l1_adapt_rate: float = 0.02  # relu: dual-ascent rate steering the mean L0 towards the family's k (0: l1_coef fixed)
