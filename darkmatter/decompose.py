@@ -60,12 +60,12 @@ Method = Literal["auto", "sparse", "dense"]
 Split = tuple[TargetMoments, TargetMoments | None]  # (fit, test) moments of one target
 # "auto" rule, measured on 2 AVX-512 cores (bench/regression.py, d = 576, k = 32): the sparse product does d/k
 # times fewer multiply-adds than the dense GEMM, but scipy's single-threaded scatter into random rows of a
-# [d_sae, d] float64 accumulator is about as many times less efficient as the 2-thread float64 GEMM, so the two
-# break even near d/k ≈ 18. "auto" takes the sparse route only with a clear margin, d ≥ 32·k (e.g. d = 2304,
-# k ≤ 72), and while its two accumulators stay within memory reason.
-SPARSE_MIN_D_OVER_K = 32
+# [d_sae, d] float64 accumulator is far less efficient than the 2-thread float32 GEMM: at d/k = 18 the sparse
+# route fits the family about 3× slower, so it could only break even near d/k ≈ 50. "auto" takes it only from
+# d ≥ 64·k (e.g. d = 2304 and k ≤ 36), and while its two accumulators stay within memory reason.
+SPARSE_MIN_D_OVER_K = 64
 SPARSE_MAX_ACCUMULATOR_BYTES = 128 * 2**20
-CROSS_BLOCK_ROWS = 2048  # rows per float32 GEMM block of :func:`blocked_cross`
+CROSS_BLOCK_ROWS = 2048  # rows per float32 block of :func:`blocked_moments`
 
 
 # --------------------------------------------------------------------------------------------- SAE codes
@@ -291,7 +291,7 @@ def decompose(x: ArrayLike, x_hat: ArrayLike | None = None, *, error: ArrayLike 
 
 
 def choose_method(method: Method, k: int, d_sae: int, d: int) -> Literal["sparse", "dense"]:
-    """Resolve ``auto`` (see :data:`SPARSE_MIN_D_OVER_K`): sparse when d ≥ 32·k and the float64 accumulator
+    """Resolve ``auto`` (see :data:`SPARSE_MIN_D_OVER_K`): sparse when d ≥ 64·k and the float64 accumulator
     [d_sae, d] is at most 128 MiB, else the dense GEMM."""
     if method != "auto":
         return method
@@ -306,20 +306,28 @@ def _add(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
         sums[key] = value
 
 
-def blocked_cross(a: Tensor, b: Tensor, block_rows: int = CROSS_BLOCK_ROWS) -> Tensor:
-    """Σ aᵀb [p, q] float64 for float32 rows a [n, p], b [n, q]: float32 GEMMs over blocks of ``block_rows`` rows,
-    summed in float64.
+def blocked_moments(a: Tensor | None, b: Tensor, block_rows: int = CROSS_BLOCK_ROWS
+                    ) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(Σ aᵀb [p, q] or None without ``a``, Σ b [q], Σ b² [q]), float64, for float32 rows a [n, p], b [n, q]:
+    float32 GEMMs and sums over blocks of ``block_rows`` rows, added up in float64.
 
-    Why: the error's cross moment with x is the one N·d² product per SAE, and a float32 GEMM runs at twice the
-    float64 rate. Rounding stays at the level of the float32 inputs themselves: each block sums at most
-    ``block_rows`` products in float32 (relative error ~ √block_rows · 2⁻²⁴ ≈ 3e-6 of one block's Σ|a||b|, with
-    centred rows), and the blocks add up in float64, so the error does not grow with N. Both inputs must be
-    centred (about a shift), or the cancellation in the centred moments would amplify it.
+    Why: the error's cross moment with x is the one N·d² product per SAE, a float32 GEMM runs at twice the
+    float64 rate, and a float64 reduction of float32 rows would first copy them to float64 (measured: such
+    casts took 40% of the family fit). Rounding stays at the level of the float32 inputs themselves: a block
+    sums at most ``block_rows`` terms in float32 (relative error ~ √block_rows · 2⁻²⁴ ≈ 3e-6 of its Σ|a||b|), and
+    blocks add up in float64, so the error does not grow with n. Inputs must be centred (about a shift), or the
+    cancellation in the centred moments would amplify it.
     """
-    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64)
-    for start in range(0, a.shape[0], block_rows):
-        out += a[start : start + block_rows].T @ b[start : start + block_rows]
-    return out
+    q = b.shape[1]
+    cross = None if a is None else torch.zeros(a.shape[1], q, dtype=torch.float64)
+    total, total_sq = torch.zeros(q, dtype=torch.float64), torch.zeros(q, dtype=torch.float64)
+    for start in range(0, b.shape[0], block_rows):
+        block = b[start : start + block_rows]
+        if cross is not None:
+            cross += a[start : start + block_rows].T @ block
+        total += block.sum(0)
+        total_sq += (block * block).sum(0)  # a cache-resident temporary of one block
+    return cross, total, total_sq
 
 
 class _SaeSums:
@@ -348,20 +356,22 @@ class _SaeSums:
             idx, val = idx[order], val[order]
         n, d = x32.shape
         e32 = self.codes.error_of(x32, idx, val)
-        norm_sq = torch.linalg.vector_norm(e32, dim=1, dtype=torch.float64).square_()
+        norm_sq = torch.linalg.vector_norm(e32, dim=1).square_()  # ‖e‖², float32 like the target it goes into
         if self.shift is None:  # rounded to float32 so that the float32 target below is exactly "about" it
-            self.shift = torch.cat([e32.mean(0, dtype=torch.float64), norm_sq.mean()[None]]).float().double()
+            self.shift = torch.cat([e32.mean(0, dtype=torch.float64),
+                                    norm_sq.mean(dtype=torch.float64)[None]]).float().double()
         target = buf[:n]  # [n, d + 1] = [e, ‖e‖²] − shift, float32
         torch.sub(e32, self.shift[:d].float(), out=target[:, :d])
-        target[:, d] = norm_sq.sub_(self.shift[d])
+        torch.sub(norm_sq, float(self.shift[d]), out=target[:, d])
         for i, rows in enumerate(splits):
             ts = target[rows]
             sums = self.sums[i]
             self.n[i] += ts.shape[0]
-            _add(sums, "sum", ts.sum(0, dtype=torch.float64))
-            _add(sums, "sum_sq", torch.linalg.vector_norm(ts, dim=0, dtype=torch.float64).square_())
+            cross, total, total_sq = blocked_moments(None if self.sparse else xt32[rows], ts)
+            _add(sums, "sum", total)
+            _add(sums, "sum_sq", total_sq)
             if not self.sparse:
-                _add(sums, "cross", blocked_cross(xt32[rows], ts))  # [d, d + 1]: the error's and the norm's
+                _add(sums, "cross", cross)  # [d, d + 1]: the error's and the norm's cross moments
             else:  # Σ_rows z_rowᵀ x̃_row [d_sae, d]: scipy's CSC product touches only the k nonzeros of each row
                 xs, ii, vv = xt[rows], idx[rows], val[rows]
                 z = scipy.sparse.csr_matrix((vv.double().reshape(-1).numpy(), ii.reshape(-1).numpy(),
@@ -407,7 +417,7 @@ def family_moments(x: ArrayLike, saes: Sequence[SparseCodes], mask: np.ndarray |
     the fit rows come first — once, for every SAE. ``design`` given: its x moments are reused (same rows and
     mask!), else they are accumulated in the same pass. The cross moment Σx̃ᵀ(e − t) [d, d] comes from the sparse
     codes (``method="sparse"``: Σx̃ᵀx̃ + Σx̃·(s − b_dec − t)ᵀ − (Σx̃ᵀz)·W_dec, float64) or from float32 GEMMs
-    with the decoded error, summed in float64 (``"dense"``, :func:`blocked_cross`); ``"auto"`` chooses per SAE (:func:`choose_method`). Σ(e − t),
+    with the decoded error, summed in float64 (``"dense"``, :func:`blocked_moments`); ``"auto"`` chooses per SAE (:func:`choose_method`). Σ(e − t),
     Σ(e − t)² and ‖e‖² use the error decoded in float32 and are summed in float64. Memory: O(d² + d·d_sae) per
     SAE (sparse: two [d_sae, d] float64 accumulators), independent of N.
     """

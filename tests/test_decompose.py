@@ -11,7 +11,7 @@ from sklearn.metrics import r2_score
 
 from darkmatter.decompose import (
     SparseCodes,
-    blocked_cross,
+    blocked_moments,
     choose_method,
     decompose,
     decompose_family,
@@ -87,18 +87,23 @@ def test_independent_error_is_nonlinear():
     assert 0 <= dec.fit.fvu_linear / dec.fit.fvu_total <= 5 * D / FIT
 
 
-def test_blocked_cross_is_float64_accurate_and_exact_on_integers():
+def test_blocked_moments_are_float64_accurate_and_exact_on_integers():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(10_000, 7, generator=g), torch.randn(10_000, 5, generator=g)
-    ref = a.double().T @ b.double()
-    got = blocked_cross(a, b, block_rows=1000)
-    assert got.dtype == torch.float64
+    a64, b64 = a.double(), b.double()
+    cross, total, total_sq = blocked_moments(a, b, block_rows=1000)
+    assert cross.dtype == total.dtype == total_sq.dtype == torch.float64
     # float32 within blocks of 1000 rows: error ≈ √1000·2⁻²⁴ of a block's Σ|a||b| (≈ 800), far below 1e-3
-    assert 0 < (got - ref).abs().max() <= 1e-3
+    assert 0 < (cross - a64.T @ b64).abs().max() <= 1e-3
+    assert (total - b64.sum(0)).abs().max() <= 1e-3 and (total_sq - (b64**2).sum(0)).abs().max() <= 1e-3
+    assert blocked_moments(None, b, block_rows=1000)[0] is None
     # small integers are exact in float32 products and sums: the blocks must add up exactly, in any blocking
-    ai, bi = torch.randint(-8, 8, (10_000, 7), generator=g).float(), torch.randint(-8, 8, (10_000, 5), generator=g).float()
-    exact = ai.double().T @ bi.double()
-    assert torch.equal(blocked_cross(ai, bi, block_rows=999), exact)
+    ai = torch.randint(-8, 8, (10_000, 7), generator=g).float()
+    bi = torch.randint(-8, 8, (10_000, 5), generator=g).float()
+    cross, total, total_sq = blocked_moments(ai, bi, block_rows=999)
+    bi64 = bi.double()
+    assert torch.equal(cross, ai.double().T @ bi64)
+    assert torch.equal(total, bi64.sum(0)) and torch.equal(total_sq, (bi64**2).sum(0))
 
 
 def test_sparse_cross_moments_equal_dense(data):
@@ -171,8 +176,9 @@ def test_norm_prediction_property():
 
 
 def test_choose_method_rule():
-    assert choose_method("auto", 32, 1024, 576) == "dense"  # d/k = 18: break-even on a CPU, GEMM preferred
+    assert choose_method("auto", 32, 1024, 576) == "dense"  # d/k = 18: the GEMM is ~3x faster on a CPU
     assert choose_method("auto", 32, 4096, 2304) == "sparse"  # d/k = 72, accumulator 72 MiB
+    assert choose_method("auto", 48, 4096, 2304) == "dense"  # d/k = 48 < 64
     assert choose_method("auto", 32, 16384, 2304) == "dense"  # accumulator 288 MiB > 128 MiB
     assert choose_method("sparse", 128, 16384, 576) == "sparse" and choose_method("dense", 1, 8, 576) == "dense"
 
