@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 PAPER_CLAIM = ("The nonlinear error is responsible for a proportional share of the CE increase: adding it back "
                "recovers about as much of the SAE's CE gap as its share of the error variance.")
+HEADLINE = ("percent_recovered_nonlinear_mean_pct",
+            "variance_share_nonlinear_mean_pct",
+            "percent_recovered_linear_mean_pct",
+            "ce_loss_score_median")
 
 CONDITIONS = ("sae", "sae_linear", "sae_nonlinear")  # summarize_ce's column suffixes
 BOOTSTRAPPED = ["ce_clean", "ce_zero", *[f"{q}_{c}" for q in ("ce", "kl", "ce_increase") for c in CONDITIONS],

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PAPER_CLAIM = ("About half of the SaeError vector (R² ≈ 0.5, mean over dimensions) and more than 90% of its squared "
                "norm are linearly predictable from x, for SAEs of every width and L0.")
+HEADLINE = ("r2_vector_mean_dims_median", "r2_norm_sq_median", "fraction_saes_r2_norm_sq_above_0.9", "r2_norm_sq_max")
 
 MAPS = {"affine": True, "linear": False}  # map name -> intercept
 METRICS = {"r2_vector_mean_dims": ("vector", "mean_dims"), "r2_vector_pooled": ("vector", "pooled"),

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PAPER_CLAIM = ("x predicts ‖SaeError‖² far better than token identity, the model's CE loss, the SAE's L0 or ‖x‖: "
                "the error norm depends on the direction of x, not only on these scalars.")
+HEADLINE = ("x_beats_each_scalar_fraction", "r2_x_median", "r2_token_identity_median", "r2_x_norm_median")
 
 BASELINES = {  # table column -> label in the figure
     "r2_x": "x (affine, d_model regressors)",

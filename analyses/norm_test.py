@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 PAPER_CLAIM = ("‖x‖² and ‖Sae(x)‖² are almost perfectly linearly predictable from x (R² ≈ 1), ‖SaeError‖² and "
                "‖LinearError‖² highly, and ‖NonlinearError‖² the least: the nonlinear error is not a sparse sum of "
                "typical features.")
+HEADLINE = ("measured_order", "nonlinear_lowest", "r2_norm_sq_median_x", "r2_norm_sq_median_nonlinear_error")
 
 # v -> (label in the paper's order, the squared per-token norm from the store; None: from x itself)
 VECTORS = {

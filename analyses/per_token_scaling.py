@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 PAPER_CLAIM = ("Larger SAEs struggle with the same tokens as smaller ones: per-token error norms are highly "
                "predictable across widths, adjacent widths have the highest per-token R², and a smaller SAE's "
                "nonlinear error norm adds predictive power.")
+HEADLINE = ("adjacent_is_best_predictor_fraction",
+            "r2_adjacent_mean",
+            "r2_smallest_to_largest",
+            "nonlinear_gain_pct_mean")
 
 TRACE_TOKENS = 100
 NORMS = ["error_norm", "linear_error_norm", "nonlinear_error_norm"]

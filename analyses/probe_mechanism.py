@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PAPER_CLAIM = ("The projection W_dec[i]·a* of the ‖Sae(x) − b_dec‖² probe onto each latent's decoder direction "
                "tracks that latent's mean activation when active.")
+HEADLINE = ("spearman_r", "spearman_r_median_all_saes", "probe_r2_heldout", "median_projection_over_mean_activation")
 
 DEFAULTS = {"sae_id": None, "tokens": 20_000, "all_saes": True, "intercept": False, "min_fires": 5}
 

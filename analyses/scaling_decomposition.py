@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 PAPER_CLAIM = ("FVU_total follows c + a·W^(−m); FVU_nonlinear stays roughly constant as width grows and lies "
                "under the asymptote c, so the dark matter is partly linearly predictable and partly not.")
+HEADLINE = ("c_fvu", "m", "fvu_nonlinear_mean", "fvu_nonlinear_slope_pct_of_mean_per_doubling")
 
 MEASURED = ["architecture", "k", "width", "sae_id", "seed", "l0_mean", "fvu", "fvu_nonlinear", "fvu_linear"]
 FIT = ["a", "a_ci_low", "a_ci_high", "c", "c_ci_low", "c_ci_high", "m", "m_ci_low", "m_ci_high", "residual_std"]

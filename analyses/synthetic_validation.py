@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 PAPER_CLAIM = ("On synthetic data with known errors, the estimated linear error tracks the injected activation noise "
                "and the estimated nonlinear error tracks the injected reconstruction noise (a strong diagonal of the "
                "2×2 correlation table).")
+HEADLINE = ("corr_activation_noise_vs_linear",
+            "corr_reconstruction_noise_vs_nonlinear",
+            "off_diagonal_max_abs",
+            "diagonal_min")
 
 DEFAULTS = {"sae_id": None, "tokens": 20_000, "ablate_percent": [0, 10, 20, 30, 40, 50],
             "noise_levels": [0, 1, 2, 3, 4], "noise_step": 0.25}

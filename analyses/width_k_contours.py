@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 PAPER_CLAIM = ("Across the width × L0 grid the squared error norm stays highly predictable (R² > 0.9 for most "
                "SAEs), the error vector about half predictable, and FVU_nonlinear changes far less with width "
                "than FVU_total.")
+HEADLINE = ("fvu_nonlinear_per_doubling_width",
+            "fvu_nonlinear_per_doubling_l0",
+            "r2_norm_sq_per_doubling_width",
+            "r2_vector_mean_dims_per_doubling_l0")
 
 METRICS = {  # column -> figure title
     "r2_norm_sq": "R² of ‖SaeError‖² from x",

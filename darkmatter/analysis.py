@@ -6,6 +6,8 @@ An analysis module answers one scientific question:
 - ``PAPER_CLAIM: str`` — what the paper reports for this question (SCIENCE.md §4), shown next to our numbers;
 - ``compute(ctx: AnalysisContext) -> pl.DataFrame`` — the result table;
 - ``summarize(table: pl.DataFrame) -> dict[str, float | str]`` — headline numbers, units in the names;
+- ``HEADLINE: tuple[str, ...]`` — the summary keys that answer the question, most important first (the report's
+  top table shows these; every key is in the section);
 - ``plot(table: pl.DataFrame) -> dict[str, matplotlib.figure.Figure]`` — figures, no I/O;
 - ``main()`` = ``run_cli(sys.modules[__name__])``.
 
@@ -95,8 +97,12 @@ def run(module: ModuleType, ctx: AnalysisContext, out: Path) -> Path:
     started = time.time()
     table = module.compute(ctx)
     summary = module.summarize(table)
-    figures = module.plot(table)
     name = module_name(module)
+    headline = list(getattr(module, "HEADLINE", ()))
+    missing = [k for k in headline if k not in summary]
+    if missing:
+        raise ValueError(f"analysis {name}: HEADLINE names {missing}, which summarize() did not return.")
+    figures = module.plot(table)
     with atomic_dir(out) as tmp:
         table.write_parquet(tmp / "table.parquet")
         write_json(tmp / "summary.json", summary)
@@ -105,7 +111,7 @@ def run(module: ModuleType, ctx: AnalysisContext, out: Path) -> Path:
             plt.close(fig)
         write_json(tmp / "meta.json", {
             "name": name, "question": question(module), "method": method(module),
-            "paper_claim": getattr(module, "PAPER_CLAIM", ""), "figures": sorted(figures),
+            "paper_claim": getattr(module, "PAPER_CLAIM", ""), "figures": sorted(figures), "headline": headline,
             "seconds": round(time.time() - started, 2),
         })
         write_provenance(tmp, ctx.params, seeds={"analysis": ctx.seed}, started=started)

@@ -94,6 +94,11 @@ def _data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
+def _headline_first(summary: dict[str, Any], headline: list[str]) -> list[str]:
+    """The summary keys with the analysis's HEADLINE keys first, in its order, then the rest alphabetically."""
+    return [k for k in headline if k in summary] + sorted(k for k in summary if k not in headline)
+
+
 def load_section(folder: Path, name: str) -> AnalysisSection:
     """Read one analysis folder into a section; a missing folder or file gives a "not run" section."""
     try:
@@ -110,7 +115,7 @@ def load_section(folder: Path, name: str) -> AnalysisSection:
     return AnalysisSection(
         name=name, status="ok", question=meta.get("question") or name, method=meta.get("method", ""),
         paper_claim=meta.get("paper_claim", ""), seconds=meta.get("seconds"),
-        summary=[(k, fmt(v)) for k, v in out["summary"].items()],
+        summary=[(k, fmt(out["summary"][k])) for k in _headline_first(out["summary"], meta.get("headline", []))],
         figures=[(n, _data_uri(figures[n])) for n in names],
         table=compact_table(out["table"]),
     )

@@ -100,9 +100,10 @@ def sae_frame(sae_ids: tuple[str, ...] = SAE_IDS) -> pl.DataFrame:
     return pl.DataFrame(rows) if rows else sae_frame().clear()  # no SAEs: the columns, no rows
 
 
-def _analysis_module(name: str, doc: str, claim: str, compute, summarize, plot) -> types.ModuleType:
+def fake_analysis_module(name: str, doc: str, claim: str, compute, summarize, plot,
+                     headline: tuple[str, ...] = ()) -> types.ModuleType:
     module = types.ModuleType(f"analyses.{name}", doc)
-    module.PAPER_CLAIM = claim
+    module.PAPER_CLAIM, module.HEADLINE = claim, headline
     module.compute, module.summarize, module.plot = compute, summarize, plot
     return module
 
@@ -130,7 +131,7 @@ def _write_analyses(results: Path, db: Path) -> None:
                               ORDER BY sae_id, context""").pl()
 
     modules = [
-        _analysis_module(
+        fake_analysis_module(
             "error_predictability",
             "How much of the SAE error is linearly predictable from x?\n\nRegress the squared error norm on x "
             "with an affine map fitted on half the tokens. Score R² on the other half.",
@@ -140,8 +141,9 @@ def _write_analyses(results: Path, db: Path) -> None:
                        "fvu_min": float(t["fvu"].min())},
             lambda t: {"r2_norm_sq": _bar_figure([str(w) for w in t["width"]], t["r2_norm_sq"].to_list(), "R²"),
                        "fvu": _bar_figure([str(w) for w in t["width"]], t["fvu"].to_list(), "FVU")},
+            headline=("saes", "r2_norm_sq_median"),
         ),
-        _analysis_module(
+        fake_analysis_module(
             "per_token_shares",
             "Which contexts carry the nonlinear error?\n\nAverage the linear and nonlinear error norms per "
             "context and SAE.",

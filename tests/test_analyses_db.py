@@ -157,6 +157,7 @@ def test_contract_runs_and_writes_finite_headlines(name, store, tmp_path):
     assert out["table"].height > 0 and out["figures"], out
     meta = out["meta"]
     assert meta["question"].endswith("?") and len(meta["method"]) > 100 and meta["paper_claim"]
+    assert len(meta["headline"]) == 4 and set(meta["headline"]) <= set(out["summary"])  # the report's top table
     assert all(p.stat().st_size > 5_000 for p in out["figures"].values())  # real figures, not blank canvases
 
 

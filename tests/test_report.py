@@ -12,10 +12,11 @@ import zipfile
 from html.parser import HTMLParser
 
 import numpy as np
+import polars as pl
 import pytest
 import yaml
 
-from darkmatter.analysis import load_outputs
+from darkmatter.analysis import AnalysisContext, load_outputs, run
 from darkmatter.cli import main as cli_main
 from darkmatter.config import load_config, stable_hash
 from darkmatter.report import render_report
@@ -23,7 +24,7 @@ from darkmatter.report_browser import BrowserLimits, quantise, sample_contexts
 from darkmatter.report_tables import fmt
 from darkmatter.store import connect
 from tests.conftest import REPO
-from tests.report_fixtures import ANALYSES, SAE_IDS, Experiment, make_experiment
+from tests.report_fixtures import ANALYSES, SAE_IDS, Experiment, fake_analysis_module, make_experiment
 
 
 class Page(HTMLParser):
@@ -98,6 +99,8 @@ def test_report_has_every_section_figure_and_number(experiment):
     assert all(s in saes for s in SAE_IDS) and "dead %" in saes and "FVU nonlinear" in saes
     assert "CE score" not in saes  # the store has no CE column: no empty column either
     summary = page.text["summary"]
+    # the top table leads with each analysis's HEADLINE keys, in its order, then the rest alphabetically
+    assert summary.index("saes") < summary.index("r2_norm_sq_median") < summary.index("fvu_min")
     assert "random llama (3 blocks, d_model 64)" in summary and "blocks.1.hook_resid_post" in summary
     assert "720 eval tokens in 12 contexts, 3 SAEs" in summary
     footer = page.text["provenance"]
@@ -115,6 +118,14 @@ def test_report_loads_nothing_from_the_network(experiment):
         assert not re.search(r"url\(\s*['\"]?(https?:)?//|@import", html), path
         # Only local links: the report's browser link, and the browser's way back.
         assert {u for u in urls if not u.startswith(("data:", "#"))} <= {"browser.html", "index.html"}
+
+
+def test_headline_keys_must_be_in_the_summary(tmp_path):
+    module = fake_analysis_module("bad", "Q?\n\nM.", "claim", lambda ctx: pl.DataFrame({"a": [1]}),
+                              lambda t: {"a": 1.0}, lambda t: {}, headline=("a", "b"))
+    with pytest.raises(ValueError, match=r"HEADLINE names \['b'\]"):
+        run(module, AnalysisContext(tmp_path / "db", {"results": str(tmp_path)}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_analyses_show_not_run(experiment, tmp_path):
