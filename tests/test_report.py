@@ -120,12 +120,11 @@ def test_report_loads_nothing_from_the_network(experiment):
         assert {u for u in urls if not u.startswith(("data:", "#"))} <= {"browser.html", "index.html"}
 
 
-def test_headline_keys_must_be_in_the_summary(tmp_path):
-    module = fake_analysis_module("bad", "Q?\n\nM.", "claim", lambda ctx: pl.DataFrame({"a": [1]}),
-                              lambda t: {"a": 1.0}, lambda t: {}, headline=("a", "b"))
-    with pytest.raises(ValueError, match=r"HEADLINE names \['b'\]"):
-        run(module, AnalysisContext(tmp_path / "db", {"results": str(tmp_path)}), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_headline_keys_missing_from_the_summary_are_left_out(tmp_path):
+    module = fake_analysis_module("degraded", "Q?\n\nM.", "claim", lambda ctx: pl.DataFrame({"a": [1]}),
+                                  lambda t: {"a": 1.0, "b": 2.0}, lambda t: {}, headline=("b", "c", "a"))
+    run(module, AnalysisContext(tmp_path / "db", {"results": str(tmp_path)}), tmp_path / "out")
+    assert load_outputs(tmp_path / "out")["meta"]["headline"] == ["b", "a"]
 
 
 def test_missing_analyses_show_not_run(experiment, tmp_path):
