@@ -333,7 +333,7 @@ def blocked_moments(a: Tensor | None, b: Tensor, block_rows: int = CROSS_BLOCK_R
 class _SaeSums:
     """One SAE's float64 sums over each split, fed chunk by chunk by :func:`family_moments`.
 
-    The target is the row [e, ‖e‖²] ∈ R^(d+1) about its first chunk's mean [t, t_n]: the error vector and the
+    The target is the row [e, ‖e‖²] ∈ R^(d+1) about its first tile's mean [t, t_n]: the error vector and the
     scalar norm target share every pass (one GEMM gives both cross moments, one reduction both sums).
     """
 
@@ -346,14 +346,23 @@ class _SaeSums:
     def add_chunk(self, sl: slice, order: Tensor | None, x32: Tensor, xt: Tensor, xt32: Tensor,
                   splits: list[slice], buf: Tensor) -> None:
         """x32 [n, d] float32, xt = x − s [n, d] float64 and xt32 = its float32 rounding, rows reordered by
-        ``order`` so that each split is the contiguous slice ``splits[i]`` (views: no copies per split); ``buf`` a
-        float32 scratch [≥ n, d + 1].
+        ``order`` so that each split is the contiguous slice ``splits[i]``; ``buf`` a float32 scratch
+        [CROSS_BLOCK_ROWS, d + 1].
 
-        Memory-bound elementwise passes dominate on a CPU, so each is done once, in place, into reused buffers.
+        Each split goes through in tiles of ``CROSS_BLOCK_ROWS`` rows: the decoded error, its target row and their
+        sums are a few passes over a tile that stays in cache, instead of passes over the whole chunk in memory.
         """
         idx, val = self.codes.rows(sl)
         if order is not None:
             idx, val = idx[order], val[order]
+        for i, rows in enumerate(splits):
+            start, stop, _ = rows.indices(x32.shape[0])
+            for first in range(start, stop, CROSS_BLOCK_ROWS):
+                tile = slice(first, min(first + CROSS_BLOCK_ROWS, stop))
+                self._add_tile(i, x32[tile], xt[tile], xt32[tile], idx[tile], val[tile], buf)
+
+    def _add_tile(self, split: int, x32: Tensor, xt: Tensor, xt32: Tensor, idx: Tensor, val: Tensor,
+                  buf: Tensor) -> None:
         n, d = x32.shape
         e32 = self.codes.error_of(x32, idx, val)
         norm_sq = torch.linalg.vector_norm(e32, dim=1).square_()  # ‖e‖², float32 like the target it goes into
@@ -363,22 +372,18 @@ class _SaeSums:
         target = buf[:n]  # [n, d + 1] = [e, ‖e‖²] − shift, float32
         torch.sub(e32, self.shift[:d].float(), out=target[:, :d])
         torch.sub(norm_sq, float(self.shift[d]), out=target[:, d])
-        for i, rows in enumerate(splits):
-            ts = target[rows]
-            sums = self.sums[i]
-            self.n[i] += ts.shape[0]
-            cross, total, total_sq = blocked_moments(None if self.sparse else xt32[rows], ts)
-            _add(sums, "sum", total)
-            _add(sums, "sum_sq", total_sq)
-            if not self.sparse:
-                _add(sums, "cross", cross)  # [d, d + 1]: the error's and the norm's cross moments
-            else:  # Σ_rows z_rowᵀ x̃_row [d_sae, d]: scipy's CSC product touches only the k nonzeros of each row
-                xs, ii, vv = xt[rows], idx[rows], val[rows]
-                z = scipy.sparse.csr_matrix((vv.double().reshape(-1).numpy(), ii.reshape(-1).numpy(),
-                                             np.arange(0, ii.numel() + 1, ii.shape[1])),
-                                            shape=(ii.shape[0], self.codes.d_sae))
-                _add(sums, "zx", torch.from_numpy(z.T @ xs.numpy()))
-                _add(sums, "n_cross", xs.T @ ts[:, d:].double())
+        sums = self.sums[split]
+        self.n[split] += n
+        cross, total, total_sq = blocked_moments(None if self.sparse else xt32, target)
+        _add(sums, "sum", total)
+        _add(sums, "sum_sq", total_sq)
+        if not self.sparse:
+            _add(sums, "cross", cross)  # [d, d + 1]: the error's and the norm's cross moments
+        else:  # Σ_rows z_rowᵀ x̃_row [d_sae, d]: scipy's CSC product touches only the k nonzeros of each row
+            z = scipy.sparse.csr_matrix((val.double().reshape(-1).numpy(), idx.reshape(-1).numpy(),
+                                         np.arange(0, idx.numel() + 1, idx.shape[1])), shape=(n, self.codes.d_sae))
+            _add(sums, "zx", torch.from_numpy(z.T @ xt.numpy()))
+            _add(sums, "n_cross", xt.T @ target[:, d:].double())
 
     def moments(self, xms: list[XMoments]) -> tuple[Split, Split]:
         """(vector, norm_sq) moments of every split; ``xms`` = the x moments of the same splits."""
@@ -431,7 +436,7 @@ def family_moments(x: ArrayLike, saes: Sequence[SparseCodes], mask: np.ndarray |
     streams: list[MomentStream] = []
     xt_buf = torch.empty(min(chunk_rows, n), d, dtype=torch.float64)  # reused: fresh 75 MB buffers page-fault
     xt32_buf = torch.empty(min(chunk_rows, n), d, dtype=torch.float32)
-    target_buf = torch.empty(min(chunk_rows, n), d + 1, dtype=torch.float32)
+    target_buf = torch.empty(min(CROSS_BLOCK_ROWS, n), d + 1, dtype=torch.float32)
     bar = tqdm(total=n, unit="tok", unit_scale=True, disable=not progress, desc=f"family moments ({len(saes)} SAEs)")
     raw_buf = torch.empty(min(chunk_rows, n), d, dtype=torch.float32)
     x32_buf = torch.empty_like(raw_buf)
