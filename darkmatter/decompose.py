@@ -20,7 +20,9 @@ Two routes to the error's statistics:
   (N·k·d multiply-adds instead of the dense N·d²). The error is decoded once (``embedding_bag``, N·k·d) for Σe,
   Σe² and ‖e‖². On a CPU the sparse product (a scatter into random rows of a [d_sae, d] accumulator) is
   memory-bound, so it beats the dense GEMM only when d/k is large; ``method="auto"`` decides per SAE
-  (:func:`choose_method`, measured in bench/regression.py). The whole family is one pass over x.
+  (:func:`choose_method`, measured in bench/regression.py). The whole family is one pass over x; per SAE the
+  chunk goes through in cache-resident tiles whose sums are float32 within a tile and float64 across tiles,
+  while the shared x statistics stay float64.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ Split = tuple[TargetMoments, TargetMoments | None]  # (fit, test) moments of one
 # d ≥ 64·k (e.g. d = 2304 and k ≤ 36), and while its two accumulators stay within memory reason.
 SPARSE_MIN_D_OVER_K = 64
 SPARSE_MAX_ACCUMULATOR_BYTES = 128 * 2**20
-CROSS_BLOCK_ROWS = 2048  # rows per float32 block of :func:`blocked_moments`
+CROSS_BLOCK_ROWS = 2048  # rows per tile of a family fit: float32 sums within, float64 across (_SaeSums)
 
 
 # --------------------------------------------------------------------------------------------- SAE codes
@@ -300,34 +302,11 @@ def choose_method(method: Method, k: int, d_sae: int, d: int) -> Literal["sparse
 
 
 def _add(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
+    """Add ``value`` (float32 or float64) into the float64 accumulator ``sums[key]``, in place."""
     if key in sums:
-        sums[key] += value  # in place: the sparse accumulator is [d_sae, d] float64
+        sums[key] += value  # mixed dtypes are cast element by element: no float64 copy of value
     else:
-        sums[key] = value
-
-
-def blocked_moments(a: Tensor | None, b: Tensor, block_rows: int = CROSS_BLOCK_ROWS
-                    ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(Σ aᵀb [p, q] or None without ``a``, Σ b [q], Σ b² [q]), float64, for float32 rows a [n, p], b [n, q]:
-    float32 GEMMs and sums over blocks of ``block_rows`` rows, added up in float64.
-
-    Why: the error's cross moment with x is the one N·d² product per SAE, a float32 GEMM runs at twice the
-    float64 rate, and a float64 reduction of float32 rows would first copy them to float64 (measured: such
-    casts took 40% of the family fit). Rounding stays at the level of the float32 inputs themselves: a block
-    sums at most ``block_rows`` terms in float32 (relative error ~ √block_rows · 2⁻²⁴ ≈ 3e-6 of its Σ|a||b|), and
-    blocks add up in float64, so the error does not grow with n. Inputs must be centred (about a shift), or the
-    cancellation in the centred moments would amplify it.
-    """
-    q = b.shape[1]
-    cross = None if a is None else torch.zeros(a.shape[1], q, dtype=torch.float64)
-    total, total_sq = torch.zeros(q, dtype=torch.float64), torch.zeros(q, dtype=torch.float64)
-    for start in range(0, b.shape[0], block_rows):
-        block = b[start : start + block_rows]
-        if cross is not None:
-            cross += a[start : start + block_rows].T @ block
-        total += block.sum(0)
-        total_sq += (block * block).sum(0)  # a cache-resident temporary of one block
-    return cross, total, total_sq
+        sums[key] = value.double()
 
 
 class _SaeSums:
@@ -374,11 +353,13 @@ class _SaeSums:
         torch.sub(norm_sq, float(self.shift[d]), out=target[:, d])
         sums = self.sums[split]
         self.n[split] += n
-        cross, total, total_sq = blocked_moments(None if self.sparse else xt32, target)
-        _add(sums, "sum", total)
-        _add(sums, "sum_sq", total_sq)
+        # float32 within the tile (≤ CROSS_BLOCK_ROWS terms per sum: relative error ~ √rows · 2⁻²⁴ of its Σ|a||b|
+        # with centred rows), float64 across tiles, so the error does not grow with N; a float32 GEMM runs at twice
+        # the float64 rate and a float64 reduction would first copy the tile to float64
+        _add(sums, "sum", target.sum(0))
+        _add(sums, "sum_sq", (target * target).sum(0))
         if not self.sparse:
-            _add(sums, "cross", cross)  # [d, d + 1]: the error's and the norm's cross moments
+            _add(sums, "cross", xt32.T @ target)  # [d, d + 1]: the error's and the norm's cross moments
         else:  # Σ_rows z_rowᵀ x̃_row [d_sae, d]: scipy's CSC product touches only the k nonzeros of each row
             z = scipy.sparse.csr_matrix((val.double().reshape(-1).numpy(), idx.reshape(-1).numpy(),
                                          np.arange(0, idx.numel() + 1, idx.shape[1])), shape=(n, self.codes.d_sae))
@@ -422,7 +403,7 @@ def family_moments(x: ArrayLike, saes: Sequence[SparseCodes], mask: np.ndarray |
     the fit rows come first — once, for every SAE. ``design`` given: its x moments are reused (same rows and
     mask!), else they are accumulated in the same pass. The cross moment Σx̃ᵀ(e − t) [d, d] comes from the sparse
     codes (``method="sparse"``: Σx̃ᵀx̃ + Σx̃·(s − b_dec − t)ᵀ − (Σx̃ᵀz)·W_dec, float64) or from float32 GEMMs
-    with the decoded error, summed in float64 (``"dense"``, :func:`blocked_moments`); ``"auto"`` chooses per SAE (:func:`choose_method`). Σ(e − t),
+    with the decoded error, tile by tile, summed in float64 (``"dense"``); ``"auto"`` chooses per SAE (:func:`choose_method`). Σ(e − t),
     Σ(e − t)² and ‖e‖² use the error decoded in float32 and are summed in float64. Memory: O(d² + d·d_sae) per
     SAE (sparse: two [d_sae, d] float64 accumulators), independent of N.
     """

@@ -12,7 +12,6 @@ from sklearn.metrics import r2_score
 import darkmatter.decompose as decompose_module
 from darkmatter.decompose import (
     SparseCodes,
-    blocked_moments,
     choose_method,
     decompose,
     decompose_family,
@@ -86,25 +85,6 @@ def test_independent_error_is_nonlinear():
     assert abs(dec.fit.r2_vector.r2_mean_dims) <= tol and abs(dec.fit.r2_vector.r2_pooled) <= tol
     # b* fits noise on the fit rows only: it removes ≈ D/N_fit of the fit rows' error (a χ² with D² dof)
     assert 0 <= dec.fit.fvu_linear / dec.fit.fvu_total <= 5 * D / FIT
-
-
-def test_blocked_moments_are_float64_accurate_and_exact_on_integers():
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(10_000, 7, generator=g), torch.randn(10_000, 5, generator=g)
-    a64, b64 = a.double(), b.double()
-    cross, total, total_sq = blocked_moments(a, b, block_rows=1000)
-    assert cross.dtype == total.dtype == total_sq.dtype == torch.float64
-    # float32 within blocks of 1000 rows: error ≈ √1000·2⁻²⁴ of a block's Σ|a||b| (≈ 800), far below 1e-3
-    assert 0 < (cross - a64.T @ b64).abs().max() <= 1e-3
-    assert (total - b64.sum(0)).abs().max() <= 1e-3 and (total_sq - (b64**2).sum(0)).abs().max() <= 1e-3
-    assert blocked_moments(None, b, block_rows=1000)[0] is None
-    # small integers are exact in float32 products and sums: the blocks must add up exactly, in any blocking
-    ai = torch.randint(-8, 8, (10_000, 7), generator=g).float()
-    bi = torch.randint(-8, 8, (10_000, 5), generator=g).float()
-    cross, total, total_sq = blocked_moments(ai, bi, block_rows=999)
-    bi64 = bi.double()
-    assert torch.equal(cross, ai.double().T @ bi64)
-    assert torch.equal(total, bi64.sum(0)) and torch.equal(total_sq, (bi64**2).sum(0))
 
 
 def test_sparse_cross_moments_equal_dense(data):
