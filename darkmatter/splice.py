@@ -171,7 +171,8 @@ def splice_losses(model: nn.Module, input_ids: Tensor, hook: str, min_pos: int,
         return pre_hook
 
     handles = [blks[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(layer, len(blks))]
-    handles.append(target.register_forward_hook(lambda _m, _i, out: clean_x.append(output_tensor(out))))
+    if first > layer:  # the clean x, where conditions start from it
+        handles.append(target.register_forward_hook(lambda _m, _i, out: clean_x.append(output_tensor(out))))
     try:
         clean = model.base_model(input_ids=input_ids, use_cache=reuse_prefix)
     finally:
