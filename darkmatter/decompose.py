@@ -403,8 +403,9 @@ def family_moments(x: ArrayLike, saes: Sequence[SparseCodes], mask: np.ndarray |
     the fit rows come first — once, for every SAE. ``design`` given: its x moments are reused (same rows and
     mask!), else they are accumulated in the same pass. The cross moment Σx̃ᵀ(e − t) [d, d] comes from the sparse
     codes (``method="sparse"``: Σx̃ᵀx̃ + Σx̃·(s − b_dec − t)ᵀ − (Σx̃ᵀz)·W_dec, float64) or from float32 GEMMs
-    with the decoded error, tile by tile, summed in float64 (``"dense"``); ``"auto"`` chooses per SAE (:func:`choose_method`). Σ(e − t),
-    Σ(e − t)² and ‖e‖² use the error decoded in float32 and are summed in float64. Memory: O(d² + d·d_sae) per
+    with the decoded error, tile by tile, summed in float64 (``"dense"``); ``"auto"`` chooses per SAE
+    (:func:`choose_method`). Σ(e − t), Σ(e − t)² and ‖e‖² use the error decoded in float32, summed in float32
+    within a tile and in float64 across tiles. Memory: O(d² + d·d_sae) per
     SAE (sparse: two [d_sae, d] float64 accumulators), independent of N.
     """
     n, d = x.shape
