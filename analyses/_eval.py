@@ -27,8 +27,8 @@ import torch
 
 from analyses._common import decomposition
 from darkmatter.analysis import AnalysisContext
-from darkmatter.decompose import SparseCodes
 from darkmatter.evaluate import chunk_tokens_for
+from darkmatter.family_fit import SparseCodes
 from darkmatter.regression import (
     CHUNK_ROWS,
     ArrayLike,

@@ -35,7 +35,8 @@ import torch
 from analyses._common import choose_sae, decomposition, family_saes, note_figure, options
 from analyses._eval import LatentStats, Rows, encode_rows, subsample
 from darkmatter.analysis import AnalysisContext, run_cli
-from darkmatter.decompose import SparseCodes, error_fit
+from darkmatter.decompose import error_fit
+from darkmatter.family_fit import SparseCodes
 from darkmatter.metrics import FvuAccumulator
 from darkmatter.regression import Design, TargetMoments, split_mask, stream_moments
 from darkmatter.sae_formats import load_any

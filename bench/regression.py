@@ -6,7 +6,7 @@ log-spaced, random unit decoder rows, W_enc = W_decᵀ, b_dec = mean of x) whose
 Fit/test split: the paper's (150k shuffled rows, the rest held out).
 
 Contenders, interleaved over ``--repeats`` rounds (medians reported):
-- ``family_<method>``: darkmatter.decompose.decompose_family over all SAEs — one pass over x for the family,
+- ``family_<method>``: darkmatter.family_fit.decompose_family over all SAEs — one pass over x for the family,
   x statistics and factorisations shared (b*, test R² of the error vector and of ‖error‖², with and without
   intercept, FVU_total / FVU_nonlinear); method auto (= dense GEMM cross moments at d = 576, k = 32) / sparse
   (cross moments from the codes) / dense.
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkmatter.decompose import SparseCodes, choose_method, decompose_family
+from darkmatter.family_fit import SparseCodes, choose_method, decompose_family
 from darkmatter.regression import heldout_r2, split_mask
 
 D_MODEL = 576

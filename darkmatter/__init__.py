@@ -23,7 +23,7 @@ _API = {
     "split_mask": "darkmatter.regression",
     "Design": "darkmatter.regression",
     "decompose_error": ("darkmatter.decompose", "decompose"),
-    "decompose_family": "darkmatter.decompose",
+    "decompose_family": "darkmatter.family_fit",
     "error_components": "darkmatter.decompose",
     # scaling laws
     "fit_power_law": "darkmatter.scaling",

@@ -9,15 +9,9 @@ import torch
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 
-import darkmatter.decompose as decompose_module
-from darkmatter.decompose import (
-    SparseCodes,
-    choose_method,
-    decompose,
-    decompose_family,
-    error_components,
-    sae_error_moments,
-)
+import darkmatter.family_fit as family_fit
+from darkmatter.decompose import decompose, error_components
+from darkmatter.family_fit import SparseCodes, choose_method, decompose_family, sae_error_moments
 from darkmatter.metrics import fvu
 from darkmatter.regression import Design, heldout_r2, split_mask
 from tests.test_regression import correlated, null_r2_tolerance
@@ -133,7 +127,7 @@ def test_tiles_within_a_chunk_give_the_same_fit(data, monkeypatch):
     fit up to float32 rounding (another shift and blocking), well inside the 1e-6 held against scikit-learn."""
     x, saes, mask = data
     whole = decompose_family(x, saes, mask=mask, chunk_rows=1500)
-    monkeypatch.setattr(decompose_module, "CROSS_BLOCK_ROWS", 256)
+    monkeypatch.setattr(family_fit, "CROSS_BLOCK_ROWS", 256)
     tiled = decompose_family(x, saes, mask=mask, chunk_rows=6000)
     for a, b in zip(whole, tiled, strict=True):
         assert abs(a.fvu_nonlinear - b.fvu_nonlinear) <= 1e-7 * a.fvu_total
