@@ -88,7 +88,7 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 def make_ours(data: np.ndarray, d_sae: int, bf16: bool) -> tuple[Method, Sae]:
     cfg = SaeTrainingConfig(tokens=BATCH * 10_000, batch_size=BATCH, warmup_steps=0, decay_start=1.0,
-                            input_scaling="none", autocast_bf16=bf16)
+                            input_scaling="none", precision="bfloat16" if bf16 else "float32")
     tr = Trainer(data, SaeSpec("topk", d_sae, K, 0), cfg)
 
     def fvu(x: torch.Tensor) -> float:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from darkmatter.io import read_json, write_json
 from darkmatter.models import hook_module, logits_from_hidden, output_tensor
+from darkmatter.precision import autocast
 from darkmatter.provenance import write_provenance
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,12 @@ class HarvestSpec:
     with_loss: bool
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: Path, params: dict | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, precision: dict | None = None) -> Path:
     """Run ``model`` over ``tokens [n_contexts, context_size]`` and write the store folder ``out``.
 
-    Resumes a partial harvest of the same ``params`` left by an interrupted run.
+    Resumes a partial harvest of the same ``params`` left by an interrupted run. ``precision``: the resolved
+    precision record (darkmatter.precision) written to meta.json and provenance.json.
     """
     started = time.time()
     out = Path(out)
@@ -126,7 +124,7 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
             for start in range(done, n_ctx, spec.batch_contexts):
                 stop = min(start + spec.batch_contexts, n_ctx)
                 ids = ids_all[start:stop]
-                with _autocast(spec.autocast_bf16), capture(model, list(spec.hooks), spec.min_pos,
+                with autocast(spec.autocast_bf16), capture(model, list(spec.hooks), spec.min_pos,
                                                             stop=not spec.with_loss) as acts:
                     if spec.with_loss:
                         losses[start:stop, : keep - 1] = next_token_loss(model, ids, spec.min_pos).numpy()
@@ -160,11 +158,11 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
     write_json(partial / "meta.json", {
         "hooks": list(spec.hooks), "d_model": d_models, "n_contexts": n_ctx, "context_size": ctx,
         "min_pos": spec.min_pos, "rows": rows, "with_loss": spec.with_loss, "dtype": "float32",
-        "autocast_bf16": spec.autocast_bf16,
+        "autocast_bf16": spec.autocast_bf16, "precision": precision,
     })
     (partial / "loss.npy").unlink(missing_ok=True)
     state_path.unlink()
-    write_provenance(partial, params, started=started)
+    write_provenance(partial, params, started=started, extra={"precision": precision})
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

@@ -34,13 +34,13 @@ def cmd_fetch_embedded(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
-    from darkmatter.config import ModelConfig, from_dict
+    from darkmatter.config import ConfigSlice, ModelConfig
     from darkmatter.models import load_model, prepare_model
     from darkmatter.provenance import write_provenance
 
     started = time.time()
     params = json.loads(args.params)
-    cfg = from_dict(ModelConfig, params["model"], "params.model")
+    cfg = ConfigSlice(ModelConfig, params["model"], "params.model")
     out = Path(args.out)
     path = prepare_model(cfg, out.parent / "hf")
     model, _ = load_model(path, cfg.revision) if cfg.source != "hub" else (None, None)
@@ -55,15 +55,15 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 
 def cmd_prepare_corpus(args: argparse.Namespace) -> None:
     from darkmatter.activations import contexts_for_tokens
-    from darkmatter.config import CorpusConfig, HarvestConfig, from_dict
+    from darkmatter.config import ConfigSlice, CorpusConfig, HarvestConfig
     from darkmatter.corpus import make_contexts, split_documents
     from darkmatter.models import load_tokenizer
     from darkmatter.provenance import write_provenance
 
     started = time.time()
     params = json.loads(args.params)
-    corpus = from_dict(CorpusConfig, params["corpus"], "params.corpus")
-    harvest = from_dict(HarvestConfig, params["harvest"], "params.harvest")
+    corpus = ConfigSlice(CorpusConfig, params["corpus"], "params.corpus")
+    harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
     model_info = read_json(args.model)
     tok = load_tokenizer(model_info["path"], model_info.get("revision"))
     splits = split_documents(corpus)
@@ -83,11 +83,14 @@ def cmd_prepare_corpus(args: argparse.Namespace) -> None:
 
 def cmd_harvest(args: argparse.Namespace) -> None:
     from darkmatter.activations import HarvestSpec, harvest
-    from darkmatter.config import HarvestConfig, from_dict
+    from darkmatter.config import ConfigSlice, HarvestConfig
     from darkmatter.models import load_model
+    from darkmatter.precision import resolve_precision
 
     params = json.loads(args.params)
-    cfg = from_dict(HarvestConfig, params["harvest"], "params.harvest")
+    cfg = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
+    precision = resolve_precision(cfg.precision)
+    log.info("precision %s: %s", cfg.precision, precision.record())
     split = args.split
     model_info = read_json(args.model)
     model, _ = load_model(model_info["path"], model_info.get("revision"))
@@ -96,11 +99,11 @@ def cmd_harvest(args: argparse.Namespace) -> None:
         hooks=cfg.hooks,
         min_pos=cfg.min_pos if split == "eval" else cfg.train_min_pos,
         batch_contexts=cfg.batch_contexts,
-        autocast_bf16=cfg.autocast_bf16,
+        autocast_bf16=precision.autocast_bf16,
         with_loss=split == "eval",
     )
     t0 = time.time()
-    harvest(model, tokens, spec, Path(args.out), params=params | {"split": split})
+    harvest(model, tokens, spec, Path(args.out), params=params | {"split": split}, precision=precision.record())
     n_tok = tokens.size
     log.info("harvested %d tokens in %.1f s (%.0f tok/s)", n_tok, time.time() - t0, n_tok / (time.time() - t0))
 

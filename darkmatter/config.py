@@ -87,7 +87,8 @@ class HarvestConfig:
     min_pos: int = 200
     train_min_pos: int = 1
     batch_contexts: int = 4
-    autocast_bf16: bool = True
+    # auto: bf16 autocast where this machine's bf16 matmuls are faster than float32 (darkmatter.precision)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,9 @@ class SaeTrainingConfig:
     l0_coef: float = 1.0
     batchtopk_threshold_beta: float = 0.99  # EMA decay of BatchTopK's inference threshold (darkmatter.train)
     buffer_tokens: int = 262_144
-    # bf16 encoder/decoder matmuls (fp32 master weights, Adam and loss): 1.6x the fp32 tokens/s on these
-    # CPUs at the same eval FVU (bench.sae_train); set false for an all-fp32 run
-    autocast_bf16: bool = True
+    # bf16 encoder/decoder matmuls (fp32 master weights, Adam and loss): 1.6x the fp32 tokens/s on AVX-512 BF16
+    # CPUs at the same eval FVU (bench.sae_train), 40x slower on AVX2 ones; auto measures (darkmatter.precision)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     log_every: int = 20
     checkpoint_every: int = 100
 
@@ -280,11 +281,18 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: key '{key}' has an unsupported type {tp!r}.")
 
 
+# keys of earlier versions -> (their replacement, its values), for a helpful error instead of "unknown key"
+RENAMED = {"autocast_bf16": ("precision", "auto, float32 or bfloat16")}
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "config", prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types by name."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
+        if key in RENAMED and key not in names:
+            new, values = RENAMED[key]
+            raise ConfigError(f"{where}: key '{prefix}{key}' was replaced by '{prefix}{new}' ({values}).")
         if key not in names:
             raise ConfigError(
                 f"{where}: unknown key '{prefix}{key}'; expected one of {', '.join(sorted(names))}."
@@ -429,3 +437,47 @@ def load_config(path: str | Path | None = None, data: dict[str, Any] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of configuration keys at the top level.")
     return validate(from_dict(ExperimentConfig, data, where), where)
+
+
+# --------------------------------------------------------------------------------------------- step slices
+
+ALL = None  # every key of a section
+# What each workflow step reads, declared once: a rule passes exactly this slice as ``--params`` (so editing any
+# other key does not rerun the step) and the step reads it through :class:`ConfigSlice` (so reading a key it was
+# not given fails instead of silently taking the default).
+STEP_KEYS: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "prepare-model": {"model": ALL},
+    "prepare-corpus": {"corpus": ALL, "harvest": ("context_size", "eval_contexts", "train_tokens", "train_min_pos")},
+    "harvest-eval": {"harvest": ("batch_contexts", "hooks", "min_pos", "precision")},
+    "harvest-train": {"harvest": ("batch_contexts", "hooks", "precision", "train_min_pos")},
+    "train-sae": {"training": ALL},
+}
+
+
+def step_params(cfg: ExperimentConfig, step: str) -> str:
+    """The JSON ``--params`` of a workflow step: the sections and keys of :data:`STEP_KEYS` [step]."""
+    out: dict[str, Any] = {}
+    for section, keys in STEP_KEYS[step].items():
+        data = to_dict(getattr(cfg, section))
+        out[section] = data if keys is ALL else {k: data[k] for k in keys}
+    return json.dumps(out, sort_keys=True)
+
+
+class ConfigSlice:
+    """The keys of one config section that a step received, validated and typed like the full section.
+
+    Reading a key the step was not given raises: it would otherwise silently be the dataclass default rather than
+    the experiment's value (add the key to :data:`STEP_KEYS` instead).
+    """
+
+    def __init__(self, cls: type, data: dict[str, Any], where: str):
+        self._where, self._keys = where, frozenset(data)
+        self._cfg = from_dict(cls, data, where)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._keys:
+            raise ConfigError(f"{self._where}: the step was not given key '{name}'; add it to "
+                              "darkmatter.config.STEP_KEYS.")
+        return getattr(self._cfg, name)

@@ -16,7 +16,6 @@ on the activation scale. Sparsity:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +32,7 @@ from darkmatter.kernels import (
     topk_rows,
     topk_select,
 )
+from darkmatter.precision import autocast
 from darkmatter.sae import Sae
 
 
@@ -102,7 +102,7 @@ def topk_step(sae: Sae, x: Tensor, spec: LossSpec) -> StepOutput:
     aux = torch.zeros(())
     if use_aux:  # err carries no gradient: the residual target is detached (SAELens, OpenAI)
         assert spec.dead is not None
-        with _autocast(spec.bf16):  # its GEMMs grow with the number of dead latents
+        with autocast(spec.bf16):  # its GEMMs grow with the number of dead latents
             aux = auxk_sse(dead_pre, spec.dead, spec.k_aux, sae.W_dec, err) / batch_variance(err)
         loss = loss + spec.auxk_coef * aux
     acts = acts.detach()
@@ -112,13 +112,9 @@ def topk_step(sae: Sae, x: Tensor, spec: LossSpec) -> StepOutput:
                       min_act)
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 def relu_step(sae: Sae, x: Tensor, spec: LossSpec) -> StepOutput:
     """ReLU SAE, dense autograd; L1 weighted by decoder row norms."""
-    with _autocast(spec.bf16):
+    with autocast(spec.bf16):
         f = sae.pre_acts(x).relu()
         x_hat = sae.decode(f)
     f, x_hat = f.float(), x_hat.float()
@@ -133,10 +129,10 @@ def relu_step(sae: Sae, x: Tensor, spec: LossSpec) -> StepOutput:
 def jumprelu_step(sae: Sae, x: Tensor, spec: LossSpec) -> StepOutput:
     """JumpReLU SAE, dense autograd with straight-through estimators for the threshold."""
     assert sae.threshold is not None
-    with _autocast(spec.bf16):
+    with autocast(spec.bf16):
         z = sae.pre_acts(x).float().relu()
     f = JumpReLU.apply(z, sae.threshold, spec.bandwidth)
-    with _autocast(spec.bf16):
+    with autocast(spec.bf16):
         x_hat = sae.decode(f).float()
     var = batch_variance(x)
     fvu = (x - x_hat).pow(2).sum() / var

@@ -37,8 +37,10 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def provenance(params: Any, seeds: dict[str, int] | None = None, started: float | None = None) -> dict[str, Any]:
-    """A provenance record for an artifact made from ``params`` (the config slice the step received)."""
+def provenance(params: Any, seeds: dict[str, int] | None = None, started: float | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A provenance record for an artifact made from ``params`` (the config slice the step received); ``extra``:
+    facts resolved at run time (e.g. the precision chosen on this machine)."""
     now = time.time()
     return {
         **git_state(),
@@ -51,9 +53,10 @@ def provenance(params: Any, seeds: dict[str, int] | None = None, started: float 
         "command": " ".join(sys.argv),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
         "seconds": None if started is None else round(now - started, 3),
+        **(extra or {}),
     }
 
 
 def write_provenance(folder: Path, params: Any, seeds: dict[str, int] | None = None,
-                     started: float | None = None) -> None:
-    write_json(Path(folder) / "provenance.json", provenance(params, seeds, started))
+                     started: float | None = None, extra: dict[str, Any] | None = None) -> None:
+    write_json(Path(folder) / "provenance.json", provenance(params, seeds, started, extra))

@@ -55,6 +55,7 @@ from darkmatter.config import SaeTrainingConfig, stable_hash, to_dict
 from darkmatter.families import SaeSpec
 from darkmatter.io import atomic_dir, read_json, write_json
 from darkmatter.objectives import LossSpec, StepOutput, training_step
+from darkmatter.precision import resolve_precision
 from darkmatter.sae import Sae, default_cfg, fold
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,10 @@ class Trainer:
         self.d_in = int(data.shape[1])
         self.n_steps = cfg.tokens // cfg.batch_size
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.key = stable_hash({"spec": asdict(spec), "training": to_dict(cfg), "data_shape": list(data.shape)})
+        self.precision = resolve_precision(cfg.precision)
+        # the resolved precision is part of the run: a checkpoint from a machine that chose otherwise is not resumed
+        self.key = stable_hash({"spec": asdict(spec), "training": to_dict(cfg), "data_shape": list(data.shape),
+                                "precision": self.precision.dtype})
         gen = torch.Generator().manual_seed(derived_seed(spec.seed, 0))
         sample = sample_rows(data, INIT_SAMPLE_ROWS, gen)
         self.input_scale = 1.0
@@ -173,7 +177,7 @@ class Trainer:
         coef = {"relu": cfg.l1_coef * math.exp(self.l1_log_scale), "jumprelu": cfg.l0_coef}.get(spec.architecture, 0.0)
         return LossSpec(k=spec.k, dead=dead, k_aux=cfg.k_aux or self.d_in // 2, auxk_coef=cfg.auxk_coef,
                         sparsity_coef=coef, jumprelu_mode=cfg.jumprelu_sparsity,
-                        bandwidth=cfg.jumprelu_bandwidth * self.rms, bf16=cfg.autocast_bf16)
+                        bandwidth=cfg.jumprelu_bandwidth * self.rms, bf16=self.precision.autocast_bf16)
 
     def train_step(self, x: Tensor) -> StepOutput:
         sae, cfg = self.sae, self.cfg
@@ -275,7 +279,7 @@ class Trainer:
         folded.cfg["metadata"] = dict(folded.cfg.get("metadata") or {}) | {
             "sae_id": self.spec.sae_id, "seed": self.spec.seed, "target_l0": self.spec.k,
             "training_tokens": self.n_steps * cfg.batch_size, "input_scale": self.input_scale,
-            "training_config_hash": stable_hash(to_dict(cfg)),
+            "training_config_hash": stable_hash(to_dict(cfg)), "training_precision": self.precision.dtype,
         }
         return TrainResult(folded, pl.DataFrame(self.rows).select(LOG_COLUMNS), self.input_scale, self.n_steps)
 
@@ -290,11 +294,13 @@ def train_to_folder(data: np.ndarray, spec: SaeSpec, cfg: SaeTrainingConfig, out
     started = time.time()
     out = Path(out)
     ckpt = out.with_name(f".{out.name}.ckpt")
-    result = Trainer(data, spec, cfg, sae_cfg, checkpoint_dir=ckpt).run(progress=progress)
+    trainer = Trainer(data, spec, cfg, sae_cfg, checkpoint_dir=ckpt)
+    result = trainer.run(progress=progress)
     assert result is not None
     with atomic_dir(out) as tmp:
         write_sae_files(result.sae, tmp)
         result.log.write_parquet(tmp / "train_log.parquet")
-        write_provenance(tmp, params, seeds={"sae": spec.seed}, started=started)
+        write_provenance(tmp, params, seeds={"sae": spec.seed}, started=started,
+                         extra={"precision": trainer.precision.record()})
     shutil.rmtree(ckpt, ignore_errors=True)
     return result

@@ -54,7 +54,7 @@ def test_planted_dictionary_is_recovered(arch):
     k, tokens, min_cos, (l0_lo, l0_hi) = RECOVERY[arch]
     data, atoms = planted()
     cfg = SaeTrainingConfig(tokens=tokens, batch_size=1024, warmup_steps=10, buffer_tokens=16_384,
-                            dead_tokens=20_000, log_every=10)
+                            dead_tokens=20_000, log_every=10, precision="float32")
     result = Trainer(data, SaeSpec(arch, 64, k, 0), cfg).run(progress=False)
     W_dec = result.sae.W_dec.detach()
     max_cos = (atoms @ W_dec.T).max(dim=1).values
@@ -74,7 +74,7 @@ def small_run(arch: str = "topk", seed: int = 0, **overrides) -> tuple[np.ndarra
     """24 steps of 256 tokens; 96 latents for 24 atoms with dead_tokens = one batch, so AuxK has dead latents."""
     data, _ = planted(n_rows=6000, d=16, n_atoms=24, seed=1)
     cfg = SaeTrainingConfig(tokens=256 * 24, batch_size=256, warmup_steps=3, buffer_tokens=2048,
-                            dead_tokens=256, log_every=2, checkpoint_every=4)
+                            dead_tokens=256, log_every=2, checkpoint_every=4, precision="float32")
     return data, SaeSpec(arch, 96, 3, seed), dataclasses.replace(cfg, **overrides)
 
 
@@ -110,8 +110,8 @@ def test_two_threads_are_bitwise_reproducible_too():
     data = np.ascontiguousarray(np.tile(data, (1, 4)))  # d_in 64 with 256 latents: ops big enough to go parallel
     spec = dataclasses.replace(spec, d_sae=256)
     torch.set_num_threads(2)
-    runs = [Trainer(data, spec, dataclasses.replace(cfg, tokens=256 * 8, autocast_bf16=bf16)).run(progress=False)
-            for bf16 in (False, False, True, True)]
+    runs = [Trainer(data, spec, dataclasses.replace(cfg, tokens=256 * 8, precision=dtype)).run(progress=False)
+            for dtype in ("float32", "float32", "bfloat16", "bfloat16")]
     for a, b in (runs[:2], runs[2:]):
         for name, t in weights(a).items():
             assert torch.equal(t, weights(b)[name]), name
@@ -216,7 +216,7 @@ def test_cli_train_sae_writes_a_loadable_sae_folder(tmp_path):
                                                  "d_model": {"blocks.0.hook_resid_post": 16},
                                                  "context_size": 64, "min_pos": 1}))
     (tmp_path / "model.json").write_text(json.dumps({"name": "tiny"}))
-    cfg = SaeTrainingConfig(tokens=2048, batch_size=256, buffer_tokens=1024, log_every=4)
+    cfg = SaeTrainingConfig(tokens=2048, batch_size=256, buffer_tokens=1024, log_every=4, precision="float32")
     out = tmp_path / "saes" / "topk-w32-k4-s0"
     main(["--threads", "1", "train-sae", "--params", json.dumps({"training": to_dict(cfg)}), "--activations",
           str(store), "--model", str(tmp_path / "model.json"), "--hook", "blocks.0.hook_resid_post",

@@ -2,7 +2,7 @@
 import json
 import sys
 
-from darkmatter.config import to_dict
+from darkmatter.config import step_params, to_dict
 
 RESULTS = f"results/{EXP.name}"
 PY = sys.executable

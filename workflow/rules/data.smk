@@ -6,7 +6,7 @@ rule prepare_model:
         f"{RESULTS}/model/model.json",
     params:
         py=PY,
-        model=params_json("model"),
+        model=step_params(EXP, "prepare-model"),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -22,7 +22,7 @@ rule prepare_corpus:
         directory(f"{RESULTS}/corpus"),
     params:
         py=PY,
-        corpus=params_json("corpus", "harvest"),
+        corpus=step_params(EXP, "prepare-corpus"),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -42,7 +42,7 @@ rule harvest:
         split="train|eval",
     params:
         py=PY,
-        harvest=params_json("harvest"),
+        harvest=lambda wildcards: step_params(EXP, f"harvest-{wildcards.split}"),
     threads: workflow.cores
     conda:
         "../envs/darkmatter.yaml"

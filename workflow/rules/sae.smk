@@ -17,7 +17,7 @@ rule train_sae:
         sae_id=r"[a-z]+-w\d+-k\d+-s\d+",
     params:
         py=PY,
-        training=params_json("training"),
+        training=step_params(EXP, "train-sae"),
     threads: workflow.cores
     conda:
         "../envs/darkmatter.yaml"
