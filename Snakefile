@@ -15,8 +15,9 @@ EXP = load_config(data=config)  # a typo or an impossible value fails here, in a
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/sae.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/decompose.smk"
+include: "workflow/rules/errors.smk"
+include: "workflow/rules/downstream.smk"
+include: "workflow/rules/store.smk"
 include: "workflow/rules/analyses.smk"
 include: "workflow/rules/report.smk"
 
@@ -24,5 +25,4 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        METRICS,
         rules.render_report.output,

@@ -16,9 +16,11 @@ import sys
 import numpy as np
 import polars as pl
 
-from analyses._common import confidence, family_name, family_saes, n_bootstrap, note_figure
-from darkmatter.analysis import AnalysisContext, run_cli
-from darkmatter.ce import summarize_ce
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import note_figure
+from darkmatter.analysis.saes import family_name, family_saes, in_family
+from darkmatter.downstream.ce import summarize_ce
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     per_token = _token_ce(ctx)
     if per_token.is_empty():
         return pl.DataFrame({"sae_id": [], "note": []}, schema={"sae_id": pl.Utf8, "note": pl.Utf8})
-    level, n_boot = confidence(ctx), n_bootstrap(ctx)
+    level, n_boot = ctx.analysis.confidence, ctx.analysis.bootstrap
     table = with_increases(summarize_ce(per_token))
     if n_boot > 0:
         table = table.join(bootstrap_ce(per_token, n_boot, level, ctx.seed), on="sae_id", how="left")
@@ -95,8 +97,8 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     saes = family_saes(ctx).select(
         "sae_id", "architecture", "width", "k", "families",
         *[(100 * pl.col(f"fvu_{p}") / pl.col("fvu")).alias(f"variance_share_{p}_pct") for p in PARTS],
-        pl.col("families").str.split(",").list.contains(width_fam).alias("in_width_family"),
-        pl.col("families").str.split(",").list.contains(k_fam).alias("in_k_family"))
+        in_family(width_fam).alias("in_width_family"),
+        in_family(k_fam).alias("in_k_family"))
     with ctx.connect() as con:
         shares = con.sql("SELECT sae_id, " + ", ".join(f"100 * {p}_share_of_sq_norm AS sq_norm_share_{p}_pct"
                                                        for p in PARTS) + " FROM sae_error_shares").pl()
@@ -156,7 +158,7 @@ def _errorbars(part: pl.DataFrame, name: str) -> np.ndarray | None:
 def _recovered_figure(table: pl.DataFrame):
     import matplotlib.pyplot as plt
 
-    from darkmatter.plots import PALETTE
+    from darkmatter.analysis.figures import PALETTE
 
     panels = _panels(table)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
@@ -182,7 +184,7 @@ def _recovered_figure(table: pl.DataFrame):
 def _ce_figure(table: pl.DataFrame):
     import matplotlib.pyplot as plt
 
-    from darkmatter.plots import PALETTE
+    from darkmatter.analysis.figures import PALETTE
 
     panels = _panels(table)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.0), squeeze=False, sharey=True)

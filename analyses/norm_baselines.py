@@ -15,8 +15,11 @@ import sys
 import numpy as np
 import polars as pl
 
-from analyses._common import family_saes, note_figure, r2_on_fit_flag
-from darkmatter.analysis import AnalysisContext, run_cli
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import note_figure
+from darkmatter.analysis.saes import family_saes
+from darkmatter.analysis.stats import r2_on_fit_flag
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
 
 def plot(table: pl.DataFrame) -> dict[str, object]:
     """Grouped bars: held-out R² of ‖SaeError‖² per SAE and predictor."""
-    from darkmatter.plots import new_figure
+    from darkmatter.analysis.figures import new_figure
 
     if table.is_empty():
         return {"baselines": note_figure("Norm baselines", "no SAE has per-token errors")}

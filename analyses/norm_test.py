@@ -14,10 +14,13 @@ import sys
 import numpy as np
 import polars as pl
 
-from analyses._common import confidence, decomposition, family_saes, n_bootstrap, note_figure
-from analyses._eval import context_sums, eval_split, fit_moments, multiplicities, r2_interval
-from darkmatter.analysis import AnalysisContext, run_cli
-from darkmatter.regression import Design, row_chunks
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.eval import eval_split, heldout_by_context
+from darkmatter.analysis.figures import note_figure
+from darkmatter.analysis.saes import family_saes
+from darkmatter.analysis.stats import multiplicities, r2_interval
+from darkmatter.regression import row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +63,23 @@ def _targets(ctx: AnalysisContext, x: np.ndarray, sae_ids: list[str]) -> tuple[n
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per (SAE, v) — and one per hook for v = x — with the held-out R² of ‖v‖² from x and its interval."""
-    dc, level, n_boot = decomposition(ctx), confidence(ctx), n_bootstrap(ctx)
+    level, n_boot = ctx.analysis.confidence, ctx.analysis.bootstrap
     saes, rows = family_saes(ctx), []
     for (hook,), group in saes.group_by("hook", maintain_order=True):
         split = eval_split(ctx, hook)
         y, keys = _targets(ctx, split.x, group["sae_id"].to_list())
-        design = Design.from_rows(split.x, split.fit, intercept=True, ridge=dc.ridge, progress=True)
-        target = y.__getitem__  # row ids -> rows of Y
-        fit = design.solve(fit_moments(design, split.x, target, split.fit_rows, y.shape[1]))
-        sums = context_sums(split.x, target, split.test_rows, split.contexts, {"affine": fit})
-        weights = multiplicities(sums.n_contexts, n_boot, ctx.seed)
+        design = ctx.design(hook, intercept=True)  # the stored decomposition's x moments: no pass for them
+        _, sums = heldout_by_context(design, split, y.__getitem__, y.shape[1])
+        weights = multiplicities(len(sums.n), n_boot, ctx.seed)
         meta = {r["sae_id"]: r for r in group.iter_rows(named=True)}
         for j, (sae_id, v) in enumerate(keys):
-            r2 = r2_interval(sums, "affine", slice(j, j + 1), weights, level)
+            r2 = r2_interval(sums, slice(j, j + 1), weights, level)
             sae = meta.get(sae_id, {})
             rows.append({"hook": hook, "sae_id": sae_id or None, "width": sae.get("width"), "k": sae.get("k"),
                          "vector": v, "label": VECTORS[v][0], "r2_norm_sq": r2["pooled"],
                          "r2_norm_sq_low": r2["pooled_low"], "r2_norm_sq_high": r2["pooled_high"],
                          "n_fit": int(split.fit.sum()), "n_test": int((~split.fit).sum()),
-                         "n_contexts": sums.n_contexts, "bootstrap": n_boot, "confidence": level})
+                         "n_contexts": len(sums.n), "bootstrap": n_boot, "confidence": level})
     return pl.DataFrame(rows)
 
 
@@ -107,7 +108,7 @@ def plot(table: pl.DataFrame) -> dict:
     """Violin + strip plot of R²(‖v‖² from x) over SAEs, v in the paper's order."""
     import seaborn as sns
 
-    from darkmatter.plots import new_figure
+    from darkmatter.analysis.figures import new_figure
 
     if table.is_empty():
         return {"norm_r2": note_figure("Norm prediction test", "no SAEs in the store")}

@@ -16,15 +16,11 @@ import sys
 import numpy as np
 import polars as pl
 
-from analyses._common import (
-    family_name,
-    family_saes,
-    mathtext_safe,
-    modal_group,
-    note_figure,
-    r2_on_fit_flag,
-)
-from darkmatter.analysis import AnalysisContext, run_cli
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import mathtext_safe, note_figure
+from darkmatter.analysis.saes import family_name, family_saes, modal_group
+from darkmatter.analysis.stats import r2_on_fit_flag
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +32,6 @@ HEADLINE = ("adjacent_is_best_predictor_fraction",
             "r2_smallest_to_largest",
             "nonlinear_gain_pct_mean")
 
-TRACE_TOKENS = 100
 NORMS = ["error_norm", "linear_error_norm", "nonlinear_error_norm"]
 
 
@@ -71,7 +66,7 @@ def _pairs(saes: pl.DataFrame, long: pl.DataFrame) -> pl.DataFrame:
 
 
 def _trace(ctx: AnalysisContext, saes: pl.DataFrame) -> pl.DataFrame:
-    """The first TRACE_TOKENS scored tokens of the context with the median mean error of the widest SAE."""
+    """The first ``trace_tokens`` (an option) scored tokens of the context with the median mean error of the widest SAE."""
     ids = saes["sae_id"].to_list()
     with ctx.connect() as con:
         means = con.sql("SELECT context, avg(error_norm) AS m FROM token_errors_in_context WHERE sae_id = ? "
@@ -82,7 +77,7 @@ def _trace(ctx: AnalysisContext, saes: pl.DataFrame) -> pl.DataFrame:
             FROM token_errors e JOIN tokens t USING (row) JOIN saes s USING (sae_id)
             WHERE t.context = ? AND list_contains(?, e.sae_id)
               AND t.position < (SELECT min(position) FROM tokens WHERE context = ?) + ?
-            ORDER BY s.width, t.position""", params=[context, ids, context, TRACE_TOKENS]).pl()
+            ORDER BY s.width, t.position""", params=[context, ids, context, ctx.options.trace_tokens]).pl()
 
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
@@ -136,7 +131,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
 def _heatmap(pairs: pl.DataFrame, value: str, title: str, fmt: str, cmap: str):
     import seaborn as sns
 
-    from darkmatter.plots import new_figure
+    from darkmatter.analysis.figures import new_figure
 
     matrix = pairs.pivot(on="width_j", index="width_i", values=value).sort("width_i")
     values = matrix.drop("width_i").to_numpy().astype(float)
@@ -153,7 +148,7 @@ def _heatmap(pairs: pl.DataFrame, value: str, title: str, fmt: str, cmap: str):
 def _trace_figure(trace: pl.DataFrame):
     import matplotlib.pyplot as plt
 
-    from darkmatter.plots import PALETTE
+    from darkmatter.analysis.figures import PALETTE
 
     widths = sorted(set(trace["width"].to_list()))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)

@@ -20,11 +20,13 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from analyses._common import choose_sae, decomposition, family_saes, note_figure, options
-from analyses._eval import encode_rows, subsample
-from darkmatter.analysis import AnalysisContext, run_cli
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import note_figure
+from darkmatter.analysis.saes import choose_sae, family_saes
+from darkmatter.analysis.stats import subsample
+from darkmatter.errors.metrics import LatentAccumulator
 from darkmatter.regression import heldout_r2
-from darkmatter.sae_formats import load_any
 
 log = logging.getLogger(__name__)
 
@@ -32,48 +34,44 @@ PAPER_CLAIM = ("The projection W_dec[i]·a* of the ‖Sae(x) − b_dec‖² prob
                "tracks that latent's mean activation when active.")
 HEADLINE = ("spearman_r", "spearman_r_median_all_saes", "probe_r2_heldout", "median_projection_over_mean_activation")
 
-DEFAULTS = {"sae_id": None, "tokens": 20_000, "all_saes": True, "intercept": False, "min_fires": 5}
 
 
-def probe_table(ctx: AnalysisContext, sae: dict, x: np.ndarray, x_hat: np.ndarray, opts: dict,
-                eval_rows: int) -> pl.DataFrame:
-    """Per latent of one SAE (x, x_hat: the subsample's rows [n, d] float32; eval_rows: the eval split's size, for
-    the protocol's fit fraction): activation statistics and d_i·a*."""
-    dc = decomposition(ctx)
-    model = load_any(ctx.sae_folder(sae["hook"], sae["sae_id"]))
-    centred = x_hat.astype(np.float64) - model.b_dec.detach().double().numpy()
+def probe_table(ctx: AnalysisContext, sae: dict, rows: np.ndarray, n_rows: int) -> pl.DataFrame:
+    """Per latent of one SAE, on the eval subsample ``rows`` (of ``n_rows``, for the protocol's fit fraction):
+    activation statistics from its stored codes and d_i·a*."""
+    dc, opts = ctx.decomposition, ctx.options
+    model = ctx.sae(sae["hook"], sae["sae_id"])
+    codes = ctx.codes(sae["hook"], sae["sae_id"], model)
+    idx, vals = codes.rows(rows)
+    centred = codes.decode(idx, vals).double().numpy()  # Sae(x) − b_dec
     norm_sq = np.einsum("ij,ij->i", centred, centred)
-    n = x.shape[0]
-    fit_n = min(max(round(n * dc.fit_tokens / eval_rows), x.shape[1] + 1), n - 1)
-    probe = heldout_r2(centred, norm_sq, fit_tokens=fit_n, seed=dc.seed, intercept=bool(opts["intercept"]),
-                       ridge=dc.ridge)
-    _, latents = encode_rows(model, x)
+    n, d = centred.shape
+    fit_n = min(max(round(n * dc.fit_tokens / n_rows), d + 1), n - 1)
+    probe = heldout_r2(centred, norm_sq, fit_tokens=fit_n, seed=dc.seed, intercept=opts.intercept, ridge=dc.ridge)
+    latents = LatentAccumulator(model.d_sae).update_codes(idx, vals)
     W_dec = model.W_dec.detach().double().numpy()
     return pl.DataFrame({
         "sae_id": sae["sae_id"], "hook": sae["hook"], "width": sae["width"], "k": sae["k"],
         "latent": np.arange(model.d_sae), "fire_count": latents.fire_count,
         "mean_activation_when_active": latents.mean_when_active, "decoder_norm_sq": np.einsum("ij,ij->i", W_dec, W_dec),
-        "probe_projection": W_dec @ probe.fit.coef[:, 0], "used": latents.fire_count >= opts["min_fires"],
-        "probe_r2_heldout": probe.r2.r2_pooled, "tokens": n, "intercept": bool(opts["intercept"]),
+        "probe_projection": W_dec @ probe.fit.coef[:, 0], "used": latents.fire_count >= opts.min_fires,
+        "probe_r2_heldout": probe.r2.r2_pooled, "tokens": n, "intercept": opts.intercept,
     })
 
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per latent of each studied SAE; ``default`` marks the chosen SAE."""
-    opts = options(ctx, "probe_mechanism", DEFAULTS)
+    opts = ctx.options
     saes = family_saes(ctx)
-    chosen = choose_sae(ctx, saes, opts["sae_id"])
-    if not opts["all_saes"]:
+    chosen = choose_sae(ctx, saes, opts.sae_id)
+    if not opts.all_saes:
         saes = saes.filter(pl.col("sae_id") == chosen["sae_id"])
-    store, parts = ctx.eval_store(), []
-    for (hook,), group in saes.group_by("hook", maintain_order=True):
-        x_all = store.activations(hook)
-        rows = subsample(x_all.shape[0], int(opts["tokens"]), ctx.seed)
-        x = np.asarray(x_all[rows], dtype=np.float32)
-        for sae in group.iter_rows(named=True):
-            x_hat = np.asarray(np.load(ctx.errors_folder(hook, sae["sae_id"]) / "x_hat.npy", mmap_mode="r")[rows])
-            parts.append(probe_table(ctx, sae, x, x_hat, opts, x_all.shape[0]))
-            log.info("%s: probe R² %.3f", sae["sae_id"], parts[-1]["probe_r2_heldout"][0])
+    n_rows = ctx.eval_store().rows
+    rows = subsample(n_rows, opts.tokens, ctx.seed)
+    parts = []
+    for sae in saes.iter_rows(named=True):
+        parts.append(probe_table(ctx, sae, rows, n_rows))
+        log.info("%s: probe R² %.3f", sae["sae_id"], parts[-1]["probe_r2_heldout"][0])
     table = pl.concat(parts)
     return table.with_columns(default=pl.col("sae_id") == chosen["sae_id"])
 
@@ -124,7 +122,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
 def plot(table: pl.DataFrame) -> dict:
     """Scatter and running mean of W_dec[i]·a* against mean activation when active (chosen SAE); correlations per
     SAE against width."""
-    from darkmatter.plots import PALETTE, new_figure
+    from darkmatter.analysis.figures import PALETTE, new_figure
 
     main = table.filter(pl.col("default") & pl.col("used")).sort("mean_activation_when_active")
     if main.height < 3:

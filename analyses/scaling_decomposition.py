@@ -1,7 +1,7 @@
 """How much of the SAE error disappears as SAEs get wider, and is the floor that remains linear or nonlinear?
 
 FVU_total of the width family at fixed k is fitted as c + a·W^(−m) by nonlinear least squares with t intervals
-(darkmatter.scaling) and stacked as in the paper's Figure 1: absent features (curve − c), linear error
+(darkmatter.errors.scaling) and stacked as in the paper's Figure 1: absent features (curve − c), linear error
 (c − mean FVU_nonlinear) and nonlinear error (FVU_nonlinear of the stored decomposition). Whether FVU_nonlinear is
 flat is read from the OLS slope of FVU_nonlinear on log2 width and its t interval; with fewer than 4 widths the law
 is not fitted and its numbers are NaN.
@@ -16,9 +16,12 @@ import sys
 import numpy as np
 import polars as pl
 
-from analyses._common import confidence, family_name, family_saes, log2_ticks, note_figure, trend
-from darkmatter.analysis import AnalysisContext, run_cli
-from darkmatter.scaling import fit_power_law, power_law, scaling_decomposition
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import log2_ticks, note_figure
+from darkmatter.analysis.saes import family_name, family_saes
+from darkmatter.analysis.stats import trend
+from darkmatter.errors.scaling import fit_power_law, power_law, scaling_decomposition
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def _fit_group(group: pl.DataFrame, level: float) -> pl.DataFrame:
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per SAE of the width family: measured FVUs, the fitted law of its k slice and the regions."""
     saes = family_saes(ctx, family_name(ctx, "width"))
-    level = confidence(ctx)
+    level = ctx.analysis.confidence
     if saes.is_empty():
         schema = {c: pl.Float64 for c in MEASURED + FIT + REGIONS + SLOPE} | {
             "architecture": pl.Utf8, "sae_id": pl.Utf8, "note": pl.Utf8, "primary": pl.Boolean, "confidence": pl.Float64}
@@ -119,7 +122,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
 
 def plot(table: pl.DataFrame) -> dict[str, object]:
     """The stacked Figure-1 decomposition of the primary k slice, measured points over the fitted curve."""
-    from darkmatter.plots import PALETTE, new_figure
+    from darkmatter.analysis.figures import PALETTE, new_figure
 
     main = table.filter(pl.col("primary")) if "primary" in table.columns else table.clear()
     if main.is_empty():

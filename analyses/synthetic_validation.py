@@ -3,7 +3,7 @@
 Synthetic activations x′ = Sae(x) (one SAE, a token subsample) are a known sparse sum of latents. Over a grid of
 ablated latent fractions p, activation noise σ_act and reconstruction noise σ_rec, x_noisy = x′ + σ_act·z_act and
 recon = decode(encode(x′) with the ablated latents zeroed) + σ_rec·z_rec; the linear error map is fitted on x_noisy
-exactly as in SCIENCE.md §1, and FVU_linear / FVU_nonlinear are correlated (Pearson, over the grid) with the
+exactly as in docs/science.md, and FVU_linear / FVU_nonlinear are correlated (Pearson, over the grid) with the
 injected variances.
 
 Choices, stated once. Ablation ranks latents by mean activation over the subsample's tokens (zeros included) and
@@ -32,14 +32,15 @@ import numpy as np
 import polars as pl
 import torch
 
-from analyses._common import choose_sae, decomposition, family_saes, note_figure, options
-from analyses._eval import LatentStats, Rows, encode_rows, subsample
-from darkmatter.analysis import AnalysisContext, run_cli
-from darkmatter.decompose import error_fit
-from darkmatter.family_fit import SparseCodes
-from darkmatter.metrics import FvuAccumulator
-from darkmatter.regression import Design, TargetMoments, split_mask, stream_moments
-from darkmatter.sae_formats import load_any
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import note_figure
+from darkmatter.analysis.saes import choose_sae, family_saes
+from darkmatter.analysis.stats import subsample
+from darkmatter.errors.decompose import error_fit
+from darkmatter.errors.metrics import FvuAccumulator, LatentAccumulator
+from darkmatter.regression import Design, LazyRows, TargetMoments, split_mask, stream_moments
+from darkmatter.sae.codes import SparseCodes, sparse_codes
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ HEADLINE = ("corr_activation_noise_vs_linear",
             "off_diagonal_max_abs",
             "diagonal_min")
 
-DEFAULTS = {"sae_id": None, "tokens": 20_000, "ablate_percent": [0, 10, 20, 30, 40, 50],
-            "noise_levels": [0, 1, 2, 3, 4], "noise_step": 0.25}
 TRUE = {"ablation": "true_ablation", "activation_noise": "true_activation_noise",
         "reconstruction_noise": "true_reconstruction_noise"}
 ESTIMATED = {"linear": "est_linear", "nonlinear": "est_nonlinear"}
@@ -75,7 +74,7 @@ def _dots(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     return list(np.einsum("ij,ij->j", a[m].astype(np.float64), b[m].astype(np.float64)) for m in (mask, ~mask))
 
 
-def ablations(codes: SparseCodes, latents: LatentStats, percents: list[float]
+def ablations(codes: SparseCodes, latents: LatentAccumulator, percents: list[float]
               ) -> tuple[dict[float, np.ndarray], dict[float, float], dict[float, dict[str, int]]]:
     """Per ablated percentage p: the reconstruction R_p [n, d] float32 with the p% latents of smallest mean
     activation zeroed, Σ‖R₀ − R_p‖², and how many latents were ablated (and how many of them never fire)."""
@@ -110,53 +109,53 @@ def level_moments(x_noisy: np.ndarray, z_rec: np.ndarray, recons: list[np.ndarra
     n, d = x_noisy.shape
     k = 1 + len(recons)
 
-    def stacked(idx: np.ndarray) -> np.ndarray:
-        xn = x_noisy[idx]
-        return np.concatenate([z_rec[idx], *(xn - r[idx] for r in recons)], axis=1)
+    def stacked(rows: slice) -> np.ndarray:  # float64: the grid is combined from these moments (see combine)
+        xn = x_noisy[rows]
+        return np.concatenate([z_rec[rows], *(xn - r[rows] for r in recons)], axis=1, dtype=np.float64)
 
     # a float64 chunk of k·d columns: keep it near 64 MiB
-    fit, test = stream_moments(x_noisy, Rows(stacked, np.arange(n), k * d), mask,
-                               chunk_rows=max(256, 2**23 // (k * d)))
-    assert test is not None
-    design = Design(fit.x_moments(), test.x_moments(), intercept=intercept, ridge=ridge)
-    moments = (fit.target_moments(), test.target_moments())
+    m = stream_moments(x_noisy, LazyRows(n, k * d, stacked), mask, chunk_rows=max(256, 2**23 // (k * d)))
+    assert m.x is not None and m.y is not None
+    design = Design(m.x[0], m.x[1], intercept=intercept, ridge=ridge)
+    moments = (m.y[0], m.y[1])
     parts = [tuple(_columns(m, slice(j * d, (j + 1) * d)) for m in moments) for j in range(k)]
     return design, parts[0], parts[1:]
 
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per grid point (p, σ_act level, σ_rec level): true and estimated error parts (module docstring)."""
-    opts, dc = options(ctx, "synthetic_validation", DEFAULTS), decomposition(ctx)
-    chosen = choose_sae(ctx, family_saes(ctx), opts["sae_id"])
+    opts, dc = ctx.options, ctx.decomposition
+    chosen = choose_sae(ctx, family_saes(ctx), opts.sae_id)
     hook, sae_id = chosen["hook"], chosen["sae_id"]
-    sae = load_any(ctx.sae_folder(hook, sae_id))
-    x_hat = np.load(ctx.errors_folder(hook, sae_id) / "x_hat.npy", mmap_mode="r")
-    x_clean = np.asarray(x_hat[subsample(x_hat.shape[0], int(opts["tokens"]), ctx.seed)], dtype=np.float32)
+    sae = ctx.sae(hook, sae_id)
+    stored = ctx.codes(hook, sae_id, sae)
+    x_clean = stored.x_hat(subsample(stored.n_rows, opts.tokens, ctx.seed)).numpy()  # x′ = Sae(x)
     n, d = x_clean.shape
-    codes, latents = encode_rows(sae, x_clean)
+    codes = sparse_codes(sae, x_clean)
+    latents = LatentAccumulator(sae.d_sae).update_codes(codes.top_indices, codes.top_values)
     # the protocol's fit fraction (fit_tokens of the eval rows), applied to the subsample
-    fit_n = min(max(round(n * dc.fit_tokens / x_hat.shape[0]), d + 1), n - 1)
+    fit_n = min(max(round(n * dc.fit_tokens / stored.n_rows), d + 1), n - 1)
     mask = split_mask(n, fit_n, dc.seed)
     tss_clean = FvuAccumulator().update(x_clean, x_clean).total_ss  # the FVU denominator of x′
     unit = math.sqrt(tss_clean / (n * d))
     rng = np.random.default_rng(ctx.seed)
     z_act, z_rec = (rng.standard_normal((n, d), dtype=np.float32) for _ in range(2))
     z_sq = {name: float(np.sum(np.square(z, dtype=np.float64))) for name, z in (("act", z_act), ("rec", z_rec))}
-    percents = [float(p) for p in opts["ablate_percent"]]
+    percents = [float(p) for p in opts.ablate_percent]
     recon, true_ablation, counts = ablations(codes, latents, percents)
     base = {"sae_id": sae_id, "hook": hook, "width": chosen["width"], "k": chosen["k"], "tokens": n,
-            "noise_unit": unit, "noise_step": float(opts["noise_step"])}
+            "noise_unit": unit, "noise_step": float(opts.noise_step)}
     rows = []
-    for act in opts["noise_levels"]:
-        s_act = act * opts["noise_step"] * unit
+    for act in opts.noise_levels:
+        s_act = act * opts.noise_step * unit
         x_noisy = x_clean + np.float32(s_act) * z_act
         design, z_split, e_splits = level_moments(x_noisy, z_rec, [recon[p] for p in percents], mask, dc.intercept,
                                                   dc.ridge)
         scale = design.all_rows.total_ss / tss_clean  # FVU on x_noisy -> units of TSS′
         for p, e_split in zip(percents, e_splits, strict=True):
             dots = _dots(x_noisy - recon[p], z_rec, mask)
-            for rec in opts["noise_levels"]:
-                s_rec = rec * opts["noise_step"] * unit
+            for rec in opts.noise_levels:
+                s_rec = rec * opts.noise_step * unit
                 split = tuple(combine(e, z, dot, s_rec) for e, z, dot in zip(e_split, z_split, dots, strict=True))
                 fit = error_fit(design, split, None, None)
                 rows.append(base | counts[p] | {
@@ -203,7 +202,7 @@ def plot(table: pl.DataFrame) -> dict:
     """The true × estimated correlation heatmap, and the estimates against the injected noise."""
     import seaborn as sns
 
-    from darkmatter.plots import PALETTE, new_figure
+    from darkmatter.analysis.figures import PALETTE, new_figure
 
     if table.is_empty():
         return {"correlations": note_figure("Synthetic validation", "no grid points")}

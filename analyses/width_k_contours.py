@@ -17,8 +17,11 @@ import sys
 import numpy as np
 import polars as pl
 
-from analyses._common import confidence, family_saes, log2_ticks, note_figure, trend
-from darkmatter.analysis import AnalysisContext, run_cli
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import log2_ticks, note_figure
+from darkmatter.analysis.saes import family_saes
+from darkmatter.analysis.stats import trend
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ MIN_CIRCLE_RATIO = 0.05  # triangles flatter than this (inradius/circumradius) a
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per SAE of the most common architecture, with its coordinates on the log-width × log-L0 plane."""
-    saes = family_saes(ctx).select(COLUMNS).with_columns(pl.lit(confidence(ctx)).alias("confidence"))
+    saes = family_saes(ctx).select(COLUMNS).with_columns(pl.lit(ctx.analysis.confidence).alias("confidence"))
     if saes.is_empty():
         return saes.with_columns(pl.lit(None, pl.Float64).alias(c) for c in ("log2_width", "log2_l0"))
     arch = saes["architecture"].mode().sort()[0]
@@ -104,7 +107,7 @@ def _triangulation(x: np.ndarray, y: np.ndarray):
 
 
 def _metric_figure(table: pl.DataFrame, metric: str, title: str):
-    from darkmatter.plots import new_figure
+    from darkmatter.analysis.figures import new_figure
 
     part = table.filter(pl.col(metric).is_not_null() & pl.col(metric).is_not_nan() & pl.col("log2_l0").is_not_null())
     if part.is_empty():

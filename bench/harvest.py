@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkmatter.activations import HarvestSpec, capture, harvest
+from darkmatter.data.harvest import HarvestSpec, capture, harvest
 from darkmatter.config import hook_layer
-from darkmatter.models import blocks, load_model
+from darkmatter.data.models import blocks, load_model
 
 
 def bare_early_stop(model, ids: torch.Tensor, hook: str, batch: int) -> None:

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkmatter.family_fit import SparseCodes, choose_method, decompose_family
-from darkmatter.regression import heldout_r2, split_mask
+from darkmatter.errors.family_fit import SparseCodes, choose_method, decompose_family
+from darkmatter.regression.solve import heldout_r2, split_mask
 
 D_MODEL = 576
 CACHE = Path("bench/out/regression-cache")

@@ -3,7 +3,7 @@
 One training step = forward + backward + Adam (+ each library's decoder-norm handling), batch 4096 tokens,
 d_in 576, k 32, d_sae 9216 and 18432, fp32 and bf16, all measured in one run:
 
-- ours:    darkmatter.train.Trainer.train_step (sparse kernels of darkmatter.kernels, the real training step);
+- ours:    darkmatter.train.Trainer.train_step (sparse kernels of darkmatter.sae.kernels, the real training step);
 - dense:   the same SAE through its dense autograd forward (Sae.forward: topk → scatter → dense matmul);
 - sparsify: EleutherAI ``SparseCoder`` (pip eai-sparsify, eager CPU path, SPARSIFY_DISABLE_TRITON=1) with its
   trainer's step: unit-norm decoder, fvu loss, parallel-gradient removal;
@@ -40,10 +40,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from darkmatter.config import SaeTrainingConfig  # noqa: E402
-from darkmatter.families import SaeSpec  # noqa: E402
-from darkmatter.objectives import batch_variance  # noqa: E402
-from darkmatter.sae import Sae  # noqa: E402
-from darkmatter.train import Trainer, default_lr  # noqa: E402
+from darkmatter.sae.families import SaeSpec  # noqa: E402
+from darkmatter.sae.objectives import batch_variance  # noqa: E402
+from darkmatter.sae.model import Sae  # noqa: E402
+from darkmatter.sae.train import Trainer, default_lr  # noqa: E402
 
 # ours / dense / sparsify compute the same function from the same start on the same batches; they differ by
 # float rounding (bf16: also which GEMMs run in bf16) and by ties in bf16 top-k, so after a few steps their

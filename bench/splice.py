@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from darkmatter.models import load_model
-from darkmatter.splice import splice_losses
+from darkmatter.data.models import load_model
+from darkmatter.downstream.splice import splice_losses
 
 
 def main() -> None:

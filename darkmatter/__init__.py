@@ -12,33 +12,33 @@ __version__ = "0.1.0"
 
 _API = {
     # metrics: the one definition of each
-    "fvu": "darkmatter.metrics",
-    "nmse_per_token": "darkmatter.metrics",
-    "cosine_per_token": "darkmatter.metrics",
-    "FvuAccumulator": "darkmatter.metrics",
+    "fvu": "darkmatter.errors.metrics",
+    "nmse_per_token": "darkmatter.errors.metrics",
+    "cosine_per_token": "darkmatter.errors.metrics",
+    "FvuAccumulator": "darkmatter.errors.metrics",
     # regression and the linear / nonlinear error decomposition
-    "fit_linear": "darkmatter.regression",
-    "heldout_r2": "darkmatter.regression",
-    "r2_scores": "darkmatter.regression",
-    "split_mask": "darkmatter.regression",
-    "Design": "darkmatter.regression",
-    "decompose_error": ("darkmatter.decompose", "decompose"),
-    "decompose_family": "darkmatter.family_fit",
-    "error_components": "darkmatter.decompose",
+    "fit_linear": "darkmatter.regression.solve",
+    "heldout_r2": "darkmatter.regression.solve",
+    "r2_scores": "darkmatter.regression.solve",
+    "split_mask": "darkmatter.regression.solve",
+    "Design": "darkmatter.regression.solve",
+    "decompose_error": ("darkmatter.errors.decompose", "decompose"),
+    "decompose_family": "darkmatter.errors.family_fit",
+    "error_components": "darkmatter.errors.decompose",
     # scaling laws
-    "fit_power_law": "darkmatter.scaling",
-    "scaling_decomposition": "darkmatter.scaling",
+    "fit_power_law": "darkmatter.errors.scaling",
+    "scaling_decomposition": "darkmatter.errors.scaling",
     # SAEs
-    "Sae": "darkmatter.sae",
-    "save_sae": "darkmatter.sae",
-    "load_sae": "darkmatter.sae",
-    "load_sae_any": ("darkmatter.sae_formats", "load_any"),
+    "Sae": "darkmatter.sae.model",
+    "save_sae": "darkmatter.sae.model",
+    "load_sae": "darkmatter.sae.model",
+    "load_sae_any": ("darkmatter.sae.formats", "load_any"),
     # splicing into the model
-    "splice_losses": "darkmatter.splice",
-    "percent_recovered": "darkmatter.splice",
-    "ce_loss_score": "darkmatter.splice",
+    "splice_losses": "darkmatter.downstream.splice",
+    "percent_recovered": "darkmatter.downstream.splice",
+    "ce_loss_score": "darkmatter.downstream.splice",
     # data
-    "ActivationStore": "darkmatter.activations",
+    "ActivationStore": "darkmatter.data.activations",
     "load_config": "darkmatter.config",
 }
 

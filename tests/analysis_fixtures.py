@@ -28,15 +28,15 @@ import polars as pl
 import pytest
 import torch
 
-from darkmatter.analysis import AnalysisContext, load_outputs, run
+from darkmatter.analysis.contract import AnalysisContext, load_outputs, run
 from darkmatter.config import DecompositionConfig
-from darkmatter.evaluate import evaluate_to_file
-from darkmatter.families import SaeMember, SaeSpec
+from darkmatter.errors.evaluate import evaluate_to_file
+from darkmatter.sae.families import SaeMember, SaeSpec
 from darkmatter.io import write_json
-from darkmatter.measure import measure_errors
-from darkmatter.sae import Sae, default_cfg, save_sae
-from darkmatter.store import build_database
-from darkmatter.tables import saes_table
+from darkmatter.errors.measure import measure_errors
+from darkmatter.sae.model import Sae, default_cfg, save_sae
+from darkmatter.store.build import build_database
+from darkmatter.store.tables import saes_table
 
 HOOK = "blocks.1.hook_resid_post"
 MIN_POS = 8

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from darkmatter.config import RandomModelConfig
-from darkmatter.models import build_random_model, load_model
+from darkmatter.data.models import build_random_model, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 

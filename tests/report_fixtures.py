@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from darkmatter.analysis import AnalysisContext, run
+from darkmatter.analysis.contract import AnalysisContext, run
 from darkmatter.config import load_config, to_dict
 from darkmatter.provenance import write_provenance
-from darkmatter.schema import TABLES
-from darkmatter.store import build_database
+from darkmatter.store.schema import TABLES
+from darkmatter.store.build import build_database
 from tests.conftest import REPO
 
 PROSE = ("The Congress of 1861 met in <special> session & voted 42 to 17 on the \"Union\" question ; "
@@ -109,7 +109,7 @@ def fake_analysis_module(name: str, doc: str, claim: str, compute, summarize, pl
 
 
 def _bar_figure(labels: list[str], values: list[float], title: str):
-    from darkmatter.plots import new_figure
+    from darkmatter.analysis.figures import new_figure
 
     fig, ax = new_figure(figsize=(3.2, 2.0))
     ax.bar(labels, values, color="#4c78a8")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from darkmatter import activations
-from darkmatter.activations import ActivationStore, HarvestSpec, capture, harvest
+from darkmatter.data import harvest as harvest_module
+from darkmatter.data.activations import ActivationStore
+from darkmatter.data.harvest import HarvestSpec, capture, harvest
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out")
 
@@ -76,7 +77,7 @@ def test_interrupted_harvest_resumes_to_the_same_result(llama, tmp_path, monkeyp
     toks = _tokens(n_ctx=10)
     ref = ActivationStore(harvest(model, toks, _spec(batch_contexts=2), tmp_path / "ref", progress=False))
     calls = {"n": 0}
-    original = activations.next_token_loss
+    original = harvest_module.next_token_loss
 
     def crash_on_third_batch(*args, **kwargs):
         calls["n"] += 1
@@ -84,7 +85,7 @@ def test_interrupted_harvest_resumes_to_the_same_result(llama, tmp_path, monkeyp
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(activations, "next_token_loss", crash_on_third_batch)
+    monkeypatch.setattr(harvest_module, "next_token_loss", crash_on_third_batch)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         harvest(model, toks, _spec(batch_contexts=2), out, params={"x": 1}, progress=False)

@@ -18,10 +18,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from darkmatter.analysis import AnalysisContext, load_outputs, run
-from darkmatter.regression import split_mask
-from darkmatter.schema import TABLES
-from darkmatter.store import build_database
+from darkmatter.analysis.contract import AnalysisContext, load_outputs, run
+from darkmatter.regression.solve import split_mask
+from darkmatter.store.schema import TABLES
+from darkmatter.store.build import build_database
 
 MODULES = ("scaling_decomposition", "width_k_contours", "per_token_scaling", "norm_baselines", "ce_contributions")
 WIDTHS, K_OF_WIDTHS = (256, 512, 1024, 2048, 4096), 16

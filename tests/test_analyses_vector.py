@@ -13,10 +13,10 @@ import torch
 
 from analyses._eval import ContextSums, context_sums, encode_rows, multiplicities
 from analyses.synthetic_validation import combine
-from darkmatter.families import SaeSpec
+from darkmatter.sae.families import SaeSpec
 from darkmatter.io import read_json
-from darkmatter.metrics import LatentAccumulator
-from darkmatter.regression import Design, fit_linear, stream_moments
+from darkmatter.errors.metrics import LatentAccumulator
+from darkmatter.regression.solve import Design, fit_linear, stream_moments
 from tests.analysis_fixtures import Experiment, linear_sae, make_experiment, torch_threads
 
 LINEAR_ID = "relu-w96-k1-s0"  # the planted SAE whose error is exactly x·M (d_in = 48, width 2·d_in)
@@ -80,7 +80,7 @@ def test_error_predictability_matches_the_stored_decomposition_and_recovers_a_pl
         realistic, realistic_outputs):
     out = realistic_outputs("error_predictability")
     table = out["table"]
-    # Independent route: measure_errors scores R² from regression moments (darkmatter.decompose); this module from
+    # Independent route: measure_errors scores R² from regression moments (darkmatter.errors.decompose); this module from
     # per-context residual sums. Same float32 data, same split, float64 sums: agreement to rounding (1e-8).
     for sae_id in realistic.sae_ids:
         stored = read_json(realistic.results / "errors" / realistic.hook / sae_id / "summary.json")

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from darkmatter.ce import SplicedSae, context_subset, measure_ce, summarize_ce
+from darkmatter.downstream.ce import SplicedSae, context_subset, measure_ce, summarize_ce
 
 D = 32
 

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from darkmatter.config import CorpusConfig
-from darkmatter.corpus import CorpusError, doc_hash, documents, make_contexts, split_documents
+from darkmatter.data.corpus import CorpusError, doc_hash, documents, make_contexts, split_documents
 
 
 def test_builtin_sources_are_real_text():

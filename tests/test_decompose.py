@@ -1,4 +1,4 @@
-"""Linear/nonlinear error decomposition: the identity, planted truths, FVU against darkmatter.metrics, the sparse-code
+"""Linear/nonlinear error decomposition: the identity, planted truths, FVU against darkmatter.errors.metrics, the sparse-code
 route against the dense one and scikit-learn, the norm-prediction property, bad input."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import torch
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 
-import darkmatter.family_fit as family_fit
-from darkmatter.decompose import decompose, error_components
-from darkmatter.family_fit import SparseCodes, choose_method, decompose_family, sae_error_moments
-from darkmatter.metrics import fvu
-from darkmatter.regression import Design, heldout_r2, split_mask
+import darkmatter.errors.family_fit as family_fit
+from darkmatter.errors.decompose import decompose, error_components
+from darkmatter.errors.family_fit import SparseCodes, choose_method, decompose_family, sae_error_moments
+from darkmatter.errors.metrics import fvu
+from darkmatter.regression.solve import Design, heldout_r2, split_mask
 from tests.test_regression import correlated, null_r2_tolerance
 
 N, D, FIT = 6000, 32, 4000

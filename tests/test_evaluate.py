@@ -15,10 +15,10 @@ from safetensors.numpy import save_file
 
 from darkmatter import cli
 from darkmatter.config import load_config
-from darkmatter.evaluate import EvaluationError, evaluate_sae, evaluate_to_file
+from darkmatter.errors.evaluate import EvaluationError, evaluate_sae, evaluate_to_file
 from darkmatter.io import write_json
-from darkmatter.metrics import ReconstructionAccumulator, fvu
-from darkmatter.sae_formats import load_any
+from darkmatter.errors.metrics import ReconstructionAccumulator, fvu
+from darkmatter.sae.formats import load_any
 from tests.conftest import REPO
 
 HOOK = "blocks.1.hook_resid_post"
@@ -27,7 +27,7 @@ N_CTX, CTX, MIN_POS = 5, 12, 2  # the store keeps positions 2..11: 5 × 10 = 50 
 
 
 def write_store(folder: Path, ctx: int = CTX, min_pos: int = MIN_POS, seed: int = 0) -> np.ndarray:
-    """An activation store in darkmatter.activations' layout, with random activations (mean far from 0)."""
+    """An activation store in darkmatter.data.activations' layout, with random activations (mean far from 0)."""
     folder.mkdir(parents=True)
     keep = ctx - min_pos
     x = (np.random.default_rng(seed).normal(size=(N_CTX * keep, D_IN)) + 3).astype(np.float32)

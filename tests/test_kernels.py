@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from darkmatter.kernels import (
+from darkmatter.sae.kernels import (
     JumpReLU,
     Step,
     batch_topk_select,
@@ -14,8 +14,8 @@ from darkmatter.kernels import (
     topk_rows,
     topk_select,
 )
-from darkmatter.objectives import auxk_sse
-from darkmatter.sae import Sae, default_cfg
+from darkmatter.sae.objectives import auxk_sse
+from darkmatter.sae.model import Sae, default_cfg
 
 N, D_IN, D_SAE, K = 48, 16, 96, 4
 

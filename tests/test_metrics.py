@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from darkmatter.metrics import (
+from darkmatter.errors.metrics import (
     FvuAccumulator,
     LatentAccumulator,
     ReconstructionAccumulator,

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from darkmatter.activations import capture
+from darkmatter.data.harvest import capture
 from darkmatter.config import ConfigError
-from darkmatter.models import (
+from darkmatter.data.models import (
     ModelError,
     cache_dir,
     convert_embedded,

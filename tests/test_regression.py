@@ -11,7 +11,7 @@ import torch
 from sklearn.linear_model import LinearRegression, Ridge
 from sklearn.metrics import r2_score
 
-from darkmatter.regression import (
+from darkmatter.regression.solve import (
     Design,
     fit_linear,
     heldout_r2,
@@ -220,7 +220,7 @@ def test_bad_input_is_one_clear_error():
 
 
 def test_streams_from_memmaps(tmp_path):
-    """Activations live in memmapped .npy stores (darkmatter.activations): read-only chunks must stream as is."""
+    """Activations live in memmapped .npy stores (darkmatter.data.activations): read-only chunks must stream as is."""
     rng = np.random.default_rng(11)
     x = correlated(3000, 8, 11).astype(np.float32)
     y = (x[:, :2] + rng.standard_normal((3000, 2))).astype(np.float32)

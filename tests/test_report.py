@@ -16,13 +16,13 @@ import polars as pl
 import pytest
 import yaml
 
-from darkmatter.analysis import AnalysisContext, load_outputs, run
+from darkmatter.analysis.contract import AnalysisContext, load_outputs, run
 from darkmatter.cli import main as cli_main
 from darkmatter.config import load_config, stable_hash
-from darkmatter.report import render_report
-from darkmatter.report_browser import BrowserLimits, quantise, sample_contexts
-from darkmatter.report_tables import fmt
-from darkmatter.store import connect
+from darkmatter.report.render import render_report
+from darkmatter.report.browser import BrowserLimits, quantise, sample_contexts
+from darkmatter.report.tables import fmt
+from darkmatter.store.build import connect
 from tests.conftest import REPO
 from tests.report_fixtures import ANALYSES, SAE_IDS, Experiment, fake_analysis_module, make_experiment
 
@@ -156,7 +156,7 @@ def test_interrupted_write_leaves_the_old_report(experiment, tmp_path, monkeypat
     def interrupted(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr("darkmatter.report.os.replace", interrupted)
+    monkeypatch.setattr("darkmatter.report.render.os.replace", interrupted)
     with pytest.raises(OSError, match="disk full"):
         render_report(experiment.results, experiment.db, [], experiment.config, out)
     assert out.read_text() == "old" and not (tmp_path / "browser.html").exists()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from darkmatter.report import render_report
-from darkmatter.report_browser import BrowserLimits
+from darkmatter.report.render import render_report
+from darkmatter.report.browser import BrowserLimits
 from tests.chromium import INSTALL_HINT, Chromium, find_chromium
 from tests.conftest import REPO
 from tests.report_fixtures import ANALYSES, SAE_IDS, Experiment, make_experiment

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from darkmatter.sae import ARCHITECTURES, Sae, default_cfg, fold, load_sae, save_sae
+from darkmatter.sae.model import ARCHITECTURES, Sae, default_cfg, fold, load_sae, save_sae
 
 D_IN, D_SAE, K = 12, 40, 5
 

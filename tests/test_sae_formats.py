@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from darkmatter.sae import Sae, default_cfg, save_sae
-from darkmatter.sae_formats import (
+from darkmatter.sae.model import Sae, default_cfg, save_sae
+from darkmatter.sae.formats import (
     SaeFormatError,
     detect_format,
     find_saes,

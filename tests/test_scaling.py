@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from darkmatter.scaling import fit_power_law, power_law, scaling_decomposition
+from darkmatter.errors.scaling import fit_power_law, power_law, scaling_decomposition
 
 WIDTHS = 1024 * 2.0 ** np.arange(8)  # 1k … 128k, like a Gemma-Scope-style family
 A, C, M = 6.4, 0.05, 0.5  # FVU(1k) = 0.25, FVU(128k) ≈ 0.068: asymptote well inside the range of the data

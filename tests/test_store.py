@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from darkmatter.schema import TABLES, markdown
-from darkmatter.store import StoreError, build_database, connect
+from darkmatter.store.schema import TABLES, markdown
+from darkmatter.store.build import StoreError, build_database, connect
 
 
 def _frames(tmp_path, n_rows=50, sae_ids=("topk-w64-k4-s0", "topk-w128-k4-s0")):
@@ -60,7 +60,7 @@ def test_build_counts_docs_and_views(tmp_path):
 def test_read_only_and_concurrent_readers(tmp_path):
     tokens, saes, shards = _frames(tmp_path)
     db = build_database(tmp_path / "dm.duckdb", tokens, saes, shards)
-    code = ("import sys; from darkmatter.store import connect; c = connect(sys.argv[1]); "
+    code = ("import sys; from darkmatter.store.build import connect; c = connect(sys.argv[1]); "
             "print(c.execute('SELECT count(*) FROM token_errors').fetchone()[0])")
     with connect(db) as con:  # a reader holds the file while two other processes read it
         procs = [subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True)

@@ -10,11 +10,11 @@ import polars as pl
 import pytest
 import torch
 
-from darkmatter.batches import CHUNK_ROWS, ShuffledBatches
+from darkmatter.sae.batches import CHUNK_ROWS, ShuffledBatches
 from darkmatter.config import ConfigError, ExperimentConfig, SaeFamilyConfig, SaeTrainingConfig, load_config
-from darkmatter.families import SaeSpec, expand_families, parse_sae_id, sae_id
-from darkmatter.sae import ARCHITECTURES, load_sae
-from darkmatter.train import Trainer, geometric_median, lr_at
+from darkmatter.sae.families import SaeSpec, expand_families, parse_sae_id, sae_id
+from darkmatter.sae.model import ARCHITECTURES, load_sae
+from darkmatter.sae.train import Trainer, geometric_median, lr_at
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from darkmatter.config import load_config
-from darkmatter.families import expand_families
-from darkmatter.store import connect
+from darkmatter.sae.families import expand_families
+from darkmatter.store.build import connect
 from tests.conftest import REPO
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]

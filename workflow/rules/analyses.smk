@@ -1,4 +1,4 @@
-# One generic rule runs every analysis module (analyses/<name>.py) against the store (opened read-only).
+# One generic rule runs every analysis module (analyses/<name>.py) against the experiment's results.
 
 
 rule run_analysis:
@@ -6,7 +6,7 @@ rule run_analysis:
         db=rules.build_database.output[0],
     output:
         report(
-            directory(f"{RESULTS}/analyses/{{name}}"),
+            directory(str(P.analysis("{name}"))),
             patterns=["{figure}.png"],
             caption="../report/analysis.rst",
             category="Analyses",
@@ -17,24 +17,13 @@ rule run_analysis:
         name="|".join(EXP.analysis.names),
     params:
         py=PY,
-        analysis=lambda wildcards: json.dumps(
-            {
-                **EXP.section("analysis"),
-                "name": wildcards.name,
-                "results": RESULTS,
-                "seed": EXP.seed,
-                "decomposition": EXP.section("decomposition"),
-                "families": EXP.section("families"),
-                "hook": EXP.harvest.hooks[0],
-                "min_pos": EXP.harvest.min_pos,
-            },
-            sort_keys=True,
-        ),
+        analysis=lambda wildcards: step_params(EXP, "run-analysis", wildcards.name),
+        results=str(P.root),
     threads: 1
     conda:
         "../envs/darkmatter.yaml"
     log:
-        f"{RESULTS}/logs/analyses/{{name}}.log",
+        str(P.log("analyses", "{name}")),
     shell:
-        "{params.py:q} -m analyses.{wildcards.name} --threads {threads} --db {input.db:q} "
+        "{params.py:q} -m analyses.{wildcards.name} --threads {threads} --results {params.results:q} "
         "--params {params.analysis:q} --out {output:q} > {log:q} 2>&1"

@@ -1,13 +1,23 @@
-# Shared names for every rule: the experiment's results folder, the interpreter, config slices as JSON.
-import json
+# Shared names for every rule: the experiment's paths (darkmatter.paths, also used by the library), the
+# interpreter, the SAEs to train, and wildcard patterns. Each rule passes its step's config slice
+# (darkmatter.config.steps) so that it reruns only when a value it reads changes.
 import sys
 
-from darkmatter.config import step_params, to_dict
+from darkmatter.config import step_params
+from darkmatter.paths import ExperimentPaths
+from darkmatter.sae.families import expand_families
 
-RESULTS = f"results/{EXP.name}"
+P = ExperimentPaths.of(EXP.name)
 PY = sys.executable
+MEMBERS = expand_families(EXP.families, EXP.primary_hook)  # unique SAEs to train, in config order
+HOOKS = list(dict.fromkeys(m.hook for m in MEMBERS))  # hooks that have SAEs
 
 
-def params_json(*sections):
-    """The named config sections as one JSON mapping (a rule reruns when any value in them changes)."""
-    return json.dumps({s: EXP.section(s) for s in sections}, sort_keys=True)
+def members_of(hook):
+    return [m for m in MEMBERS if m.hook == hook]
+
+
+wildcard_constraints:
+    hook=r"blocks\.\d+\.hook_[a-z_]+",
+    sae_id=r"[a-z]+-w\d+-k\d+-s\d+",
+    split="train|eval",

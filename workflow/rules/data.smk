@@ -1,16 +1,16 @@
-# Model, corpus and activation harvesting.
+# Model, corpus and activation harvesting (darkmatter.data).
 
 
 rule prepare_model:
     output:
-        f"{RESULTS}/model/model.json",
+        str(P.model_json),
     params:
         py=PY,
         model=step_params(EXP, "prepare-model"),
     conda:
         "../envs/darkmatter.yaml"
     log:
-        f"{RESULTS}/logs/prepare_model.log",
+        str(P.log("prepare_model")),
     shell:
         "{params.py:q} -m darkmatter.cli prepare-model --params {params.model:q} --out {output:q} > {log:q} 2>&1"
 
@@ -19,14 +19,14 @@ rule prepare_corpus:
     input:
         model=rules.prepare_model.output[0],
     output:
-        directory(f"{RESULTS}/corpus"),
+        directory(str(P.corpus)),
     params:
         py=PY,
         corpus=step_params(EXP, "prepare-corpus"),
     conda:
         "../envs/darkmatter.yaml"
     log:
-        f"{RESULTS}/logs/prepare_corpus.log",
+        str(P.log("prepare_corpus")),
     shell:
         "{params.py:q} -m darkmatter.cli prepare-corpus --params {params.corpus:q} --model {input.model:q} "
         "--out {output:q} > {log:q} 2>&1"
@@ -37,9 +37,7 @@ rule harvest:
         model=rules.prepare_model.output[0],
         corpus=rules.prepare_corpus.output[0],
     output:
-        directory(f"{RESULTS}/activations/{{split}}"),
-    wildcard_constraints:
-        split="train|eval",
+        directory(str(P.activations("{split}"))),
     params:
         py=PY,
         harvest=lambda wildcards: step_params(EXP, f"harvest-{wildcards.split}"),
@@ -47,7 +45,7 @@ rule harvest:
     conda:
         "../envs/darkmatter.yaml"
     log:
-        f"{RESULTS}/logs/harvest_{{split}}.log",
+        str(P.log("harvest_{split}")),
     shell:
         "{params.py:q} -m darkmatter.cli --threads {threads} harvest --params {params.harvest:q} --model {input.model:q} "
         "--corpus {input.corpus:q} --split {wildcards.split} --out {output:q} > {log:q} 2>&1"

@@ -1,35 +1,25 @@
-# The report: reports/<exp>/index.html (and browser.html beside it), assembled by darkmatter.report from the
-# DuckDB store and the analysis folders. `snakemake --report` includes it as a secondary artifact.
+# The report: reports/<exp>/index.html and browser.html beside it (darkmatter.report), assembled from the store
+# and the analysis folders. `snakemake --report` includes it as a secondary artifact.
 
-
-# The analyses in the order the report shows them, and the config sections it prints (a change re-renders it).
-REPORT_ANALYSES = list(EXP.analysis.names)
-REPORT_SECTIONS = ("name", "seed", "model", "corpus", "harvest", "training", "families", "decomposition", "analysis")
+REPORT_ANALYSES = list(EXP.analysis.names)  # in the order the report shows them
 
 
 rule render_report:
     input:
-        db=f"{RESULTS}/darkmatter.duckdb",
-        analyses=[f"{RESULTS}/analyses/{name}" for name in REPORT_ANALYSES],
+        db=rules.build_database.output[0],
+        analyses=[str(P.analysis(name)) for name in REPORT_ANALYSES],
     output:
-        index=report(
-            f"reports/{EXP.name}/index.html",
-            caption="../report/index.rst",
-            category="Report",
-        ),
-        browser=report(
-            f"reports/{EXP.name}/browser.html",
-            caption="../report/index.rst",
-            category="Report",
-        ),
+        index=report(str(P.report_index), caption="../report/index.rst", category="Report"),
+        browser=report(str(P.report_browser), caption="../report/index.rst", category="Report"),
     params:
         py=PY,
-        config=params_json(*REPORT_SECTIONS),
+        config=step_params(EXP, "render-report"),
         analyses=REPORT_ANALYSES,
+        results=str(P.root),
     conda:
         "../envs/darkmatter.yaml"
     log:
-        f"{RESULTS}/logs/render_report.log",
+        str(P.log("render_report")),
     shell:
-        "{params.py:q} -m darkmatter.cli render-report --params {params.config:q} "
-        "--db {input.db:q} --analyses {params.analyses:q} --out {output.index:q} > {log:q} 2>&1"
+        "{params.py:q} -m darkmatter.cli render-report --params {params.config:q} --results {params.results:q} "
+        "--analyses {params.analyses:q} --out {output.index:q} > {log:q} 2>&1"

@@ -1,20 +1,14 @@
-# SAE training: one job per unique family member (darkmatter.families builds and parses the sae_id).
-# Output folder (SAELens layout): cfg.json, sae_weights.safetensors, train_log.parquet, provenance.json.
-# An interrupted job resumes from its checkpoint in the hidden sibling folder .<sae_id>.ckpt.
-from darkmatter.families import expand_families
-
-SAES = [f"{RESULTS}/saes/{m.path}" for m in expand_families(EXP)]
+# SAE training, one job per unique family member (darkmatter.sae.families builds and parses the sae_id), and each
+# SAE's codes of the eval tokens (darkmatter.sae.codes: the one pass of its encoder over the eval split).
+# An interrupted training resumes from its checkpoint in the hidden sibling folder .<sae_id>.ckpt.
 
 
 rule train_sae:
     input:
-        activations=f"{RESULTS}/activations/train",
+        activations=str(P.activations("train")),
         model=rules.prepare_model.output[0],
     output:
-        directory(f"{RESULTS}/saes/{{hook}}/{{sae_id}}"),
-    wildcard_constraints:
-        hook=r"blocks\.\d+\.hook_[a-z_]+",
-        sae_id=r"[a-z]+-w\d+-k\d+-s\d+",
+        directory(str(P.sae("{hook}", "{sae_id}"))),
     params:
         py=PY,
         training=step_params(EXP, "train-sae"),
@@ -22,8 +16,28 @@ rule train_sae:
     conda:
         "../envs/darkmatter.yaml"
     log:
-        f"{RESULTS}/logs/train_sae/{{hook}}/{{sae_id}}.log",
+        str(P.log("train_sae", "{hook}", "{sae_id}")),
     shell:
         "{params.py:q} -m darkmatter.cli --threads {threads} train-sae --params {params.training:q} "
         "--activations {input.activations:q} --model {input.model:q} --hook {wildcards.hook:q} "
         "--sae-id {wildcards.sae_id:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule encode_sae:
+    input:
+        sae=str(P.sae("{hook}", "{sae_id}")),
+        activations=str(P.activations("eval")),
+    output:
+        directory(str(P.codes("{hook}", "{sae_id}"))),
+    params:
+        py=PY,
+        encode=step_params(EXP, "encode-sae"),
+    threads: workflow.cores
+    conda:
+        "../envs/darkmatter.yaml"
+    log:
+        str(P.log("encode_sae", "{hook}", "{sae_id}")),
+    shell:
+        "{params.py:q} -m darkmatter.cli --threads {threads} encode-sae --params {params.encode:q} "
+        "--sae {input.sae:q} --activations {input.activations:q} --hook {wildcards.hook:q} --out {output:q} "
+        "> {log:q} 2>&1"

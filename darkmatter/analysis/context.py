@@ -1,0 +1,108 @@
+"""What an analysis may read: the experiment's result tree and its slice of the configuration.
+
+The workflow passes each analysis its slice (:mod:`darkmatter.config.steps`); a key missing from ``params`` takes
+the configuration's default, so an analysis can also be run by hand on any experiment folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from darkmatter.config import AnalysisConfig, DecompositionConfig, ExperimentConfig, from_dict, to_dict
+from darkmatter.paths import ExperimentPaths
+
+
+@dataclass(frozen=True)
+class AnalysisContext:
+    """The experiment's ``paths``, the analysis's config slice ``params`` and its ``name`` (for its options)."""
+
+    paths: ExperimentPaths
+    params: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    # ------------------------------------------------------------------------------------------ configuration
+    @property
+    def analysis(self) -> AnalysisConfig:
+        """The analysis section (bootstrap, confidence, each analysis's options) over its defaults."""
+        return from_dict(AnalysisConfig, self.params.get("analysis") or {}, "params.analysis", "analysis.")
+
+    @property
+    def options(self) -> Any:
+        """This analysis's own options (``analysis.<name>``), typed; None for an analysis without options."""
+        return getattr(self.analysis, self.name, None)
+
+    @property
+    def decomposition(self) -> DecompositionConfig:
+        """The regression protocol (fit_tokens, intercept, ridge, seed) of the stored decomposition."""
+        return from_dict(DecompositionConfig, self.params.get("decomposition") or {}, "params.decomposition",
+                         "decomposition.")
+
+    @property
+    def families(self) -> list[dict[str, Any]]:
+        """The experiment's family dicts (name, architecture, widths, ks, ...); the defaults when absent."""
+        return list(self.params.get("families") or to_dict(ExperimentConfig().families))
+
+    @property
+    def hook(self) -> str:
+        """The primary hook (the first harvested one), which the family analyses study."""
+        hooks = (self.params.get("harvest") or {}).get("hooks")
+        return hooks[0] if hooks else ExperimentConfig().primary_hook
+
+    @property
+    def seed(self) -> int:
+        return int(self.params.get("seed", 0))
+
+    # ------------------------------------------------------------------------------------------ results
+    @property
+    def db(self) -> Path:
+        return self.paths.database
+
+    def connect(self):
+        """The DuckDB store, read-only."""
+        from darkmatter.store import connect
+
+        return connect(self.db)
+
+    def eval_store(self):
+        from darkmatter.data.activations import ActivationStore
+
+        return ActivationStore(self.paths.activations("eval"))
+
+    def sae(self, hook: str, sae_id: str):
+        """An SAE of the experiment (:class:`darkmatter.sae.Sae`)."""
+        from darkmatter.sae.formats import load_any
+
+        return load_any(self.paths.sae(hook, sae_id))
+
+    def codes(self, hook: str, sae_id: str, sae=None):
+        """That SAE's stored codes of the eval tokens (:class:`darkmatter.sae.codes.SparseCodes`, memmapped)."""
+        from darkmatter.sae.codes import load_codes
+
+        return load_codes(self.paths.codes(hook, sae_id), sae if sae is not None else self.sae(hook, sae_id))
+
+    def fit_mask(self, hook: str) -> np.ndarray:
+        """bool [rows]: the fit rows of the stored decomposition of ``hook``."""
+        from darkmatter.errors.measure import SPLIT
+
+        return np.load(self.paths.errors(hook) / SPLIT)
+
+    def design(self, hook: str, intercept: bool | None = None, ridge: float | None = None):
+        """The factorised x design of the stored decomposition (its fit and test moments), no pass over x."""
+        from darkmatter.errors.measure import DESIGN
+        from darkmatter.regression import Design, load_moments
+
+        dc = self.decomposition
+        m = load_moments(self.paths.errors(hook) / DESIGN)
+        return Design(m["fit"], m["test"], intercept=dc.intercept if intercept is None else intercept,
+                      ridge=dc.ridge if ridge is None else ridge)
+
+    def with_options(self, **options: Any) -> AnalysisContext:
+        """A copy whose ``analysis.<name>`` options are updated (tests, notebooks)."""
+        analysis = dict(self.params.get("analysis") or {})
+        analysis[self.name] = {**(analysis.get(self.name) or {}), **options}
+        return dataclasses.replace(self, params={**self.params, "analysis": analysis})

@@ -1,0 +1,91 @@
+"""The statistics analyses share: held-out R² on the store's split, R² resampled over eval contexts, trends.
+
+Intervals are percentile bootstraps over eval contexts (tokens of one context are correlated, so the context is the
+unit of resampling). A held-out R² is resampled from per-context test sums (:class:`darkmatter.regression.GroupSums`)
+with the fitted map held fixed: the interval covers the sampling of evaluation contexts, not the refit of the map.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from darkmatter.regression import Design, GroupSums, r2_scores, stream_moments
+
+
+def multiplicities(n_groups: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n_groups] counts of each group in a resample of n_groups drawn with replacement."""
+    return np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_boot)
+
+
+def r2_interval(sums: GroupSums, cols: slice, weights: np.ndarray, confidence: float) -> dict[str, float]:
+    """Held-out R² of the output columns ``cols`` with percentile intervals over resamples ``weights`` [B, G].
+
+    Keys: mean_dims, pooled (the point estimates on all test rows) and <key>_low / <key>_high (NaN without
+    resamples). For one column mean_dims = pooled.
+    """
+    point = sums.r2(cols)[0]
+    out = {"mean_dims": point.r2_mean_dims, "pooled": point.r2_pooled}
+    draws = np.full((len(weights), 2), np.nan)
+    if len(weights):
+        with warnings.catch_warnings():  # a dimension constant in one resample: already reported by the point
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for b, r2 in enumerate(sums.r2(cols, weights)):
+                draws[b] = r2.r2_mean_dims, r2.r2_pooled
+    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+    for j, key in enumerate(("mean_dims", "pooled")):
+        ok = draws[:, j][np.isfinite(draws[:, j])]
+        low, high = np.quantile(ok, tails) if ok.size else (np.nan, np.nan)
+        out[f"{key}_low"], out[f"{key}_high"] = float(low), float(high)
+    return out
+
+
+def r2_on_fit_flag(features: np.ndarray, y: np.ndarray, fit: np.ndarray) -> float:
+    """Test-split R² of the affine least-squares fit ``y ≈ features·β + β₀`` on the rows where ``fit`` is True.
+
+    ``features`` [N] or [N, p], ``y`` [N], ``fit`` [N] bool (the store's ``fit`` flag). Columns constant on the fit
+    rows are dropped (an affine fit cannot use them; e.g. L0 of a TopK SAE); with none left the prediction is the
+    fit-row mean, so R² = 1 − Σ(y − ȳ_fit)²/Σ(y − ȳ_test)² ≤ 0 on the test rows.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    x = x[:, None] if x.ndim == 1 else x
+    y = np.asarray(y, dtype=np.float64)
+    fit = np.asarray(fit, dtype=bool)
+    if fit.all() or not fit.any():
+        raise ValueError(f"the fit flag marks {int(fit.sum())} of {fit.size} rows; both splits must be non-empty.")
+    varying = np.ptp(x[fit], axis=0) > 0
+    if not varying.any():
+        return float(r2_scores(y[~fit], np.full((~fit).sum(), y[fit].mean())).r2_pooled)
+    m = stream_moments(x[:, varying], y, fit)
+    assert m.x is not None and m.y is not None
+    design = Design(m.x[0], m.x[1], intercept=True)
+    return float(design.heldout_r2(design.solve(m.y[0]), m.y[1]).r2_pooled)
+
+
+def trend(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float, float]:
+    """OLS slope of y on x with its two-sided t interval at ``level``: (slope, low, high).
+
+    NaN where it does not exist (fewer than 2 distinct x); the interval is NaN with no residual degree of freedom.
+    """
+    import statsmodels.api as sm
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if np.unique(x).size < 2:
+        return math.nan, math.nan, math.nan
+    res = sm.OLS(y, sm.add_constant(x)).fit()
+    slope = float(res.params[1])
+    if res.df_resid < 1:
+        return slope, math.nan, math.nan
+    low, high = res.conf_int(alpha=1 - level)[1]
+    return slope, float(low), float(high)
+
+
+def subsample(n_rows: int, n: int, seed: int) -> np.ndarray:
+    """``min(n, n_rows)`` sorted row ids drawn without replacement by ``np.random.default_rng(seed)``."""
+    if n >= n_rows:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(seed).choice(n_rows, n, replace=False))

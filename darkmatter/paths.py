@@ -1,0 +1,108 @@
+"""Every file and folder of an experiment, named once: the Snakemake rules and the library both use this module.
+
+::
+
+    results/<exp>/
+      model/model.json, model/hf/          prepare_model: the model (embedded GGUF converted to safetensors once)
+      corpus/                              prepare_corpus: {train,eval}_tokens.npy and where each context came from
+      activations/<split>/                 harvest (split = train | eval): <hook>.npy, index.parquet, meta.json
+      saes/<hook>/<sae_id>/                train_sae: cfg.json + sae_weights.safetensors (SAELens layout)
+      codes/<hook>/<sae_id>/               encode_sae: each eval token's active latents (top_indices/top_values.npy)
+      errors/<hook>/                       measure_errors, one folder per hook: split.npy, design.safetensors and
+      errors/<hook>/<sae_id>/                per SAE metrics.json, linear_map.safetensors, token_errors.parquet,
+                                             test_sums.safetensors
+      ce/                                  measure_ce: token_ce.parquet, summary.parquet
+      darkmatter.duckdb                    build_database: the queryable per-token store
+      analyses/<name>/                     run_analysis: table.parquet, summary.json, figures, meta.json
+      logs/                                one log per step
+    reports/<exp>/index.html, browser.html render_report
+
+Methods take the wildcard values; the rules pass ``"{hook}"``-style placeholders to get Snakemake patterns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS = Path("results")
+REPORTS = Path("reports")
+DATABASE = "darkmatter.duckdb"
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """The result tree of one experiment: ``root`` = results/<exp>, ``reports`` = reports/<exp>."""
+
+    root: Path
+    reports: Path
+
+    @classmethod
+    def of(cls, name: str, base: str | Path = ".") -> ExperimentPaths:
+        """The paths of experiment ``name`` under ``base`` (the workflow's working directory)."""
+        base = Path(base)
+        return cls(base / RESULTS / name, base / REPORTS / name)
+
+    @classmethod
+    def at(cls, root: str | Path) -> ExperimentPaths:
+        """The paths of the experiment whose results folder is ``root`` (its reports beside, by name)."""
+        root = Path(root)
+        return cls(root, root.parent.parent / REPORTS / root.name)
+
+    # ------------------------------------------------------------------------------------------ data
+    @property
+    def model_json(self) -> Path:
+        return self.root / "model" / "model.json"
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus"
+
+    def tokens(self, split: str) -> Path:
+        return self.corpus / f"{split}_tokens.npy"
+
+    def contexts(self, split: str) -> Path:
+        return self.corpus / f"{split}_contexts.parquet"
+
+    def activations(self, split: str) -> Path:
+        return self.root / "activations" / split
+
+    # ------------------------------------------------------------------------------------------ SAEs
+    def sae(self, hook: str, sae_id: str) -> Path:
+        return self.root / "saes" / hook / sae_id
+
+    def codes(self, hook: str, sae_id: str) -> Path:
+        return self.root / "codes" / hook / sae_id
+
+    def errors(self, hook: str) -> Path:
+        return self.root / "errors" / hook
+
+    def sae_errors(self, hook: str, sae_id: str) -> Path:
+        return self.errors(hook) / sae_id
+
+    # ------------------------------------------------------------------------------------------ downstream
+    @property
+    def ce(self) -> Path:
+        return self.root / "ce"
+
+    @property
+    def database(self) -> Path:
+        return self.root / DATABASE
+
+    def analysis(self, name: str) -> Path:
+        return self.root / "analyses" / name
+
+    def log(self, step: str, *parts: str) -> Path:
+        """results/<exp>/logs/<step>.log, or logs/<step>/<part>/…/<last part>.log (one log per wildcard value)."""
+        if not parts:
+            return self.root / "logs" / f"{step}.log"
+        return self.root.joinpath("logs", step, *parts[:-1], f"{parts[-1]}.log")
+
+    # ------------------------------------------------------------------------------------------ report
+    @property
+    def report_index(self) -> Path:
+        return self.reports / "index.html"
+
+    @property
+    def report_browser(self) -> Path:
+        return self.reports / "browser.html"

@@ -1,0 +1,193 @@
+"""Assemble an experiment's outputs into a self-contained HTML report: ``reports/<exp>/index.html``.
+
+The report only assembles: figures, tables and headline numbers come from the analysis folders
+(:func:`darkmatter.analysis.load_outputs`), the SAE table and the token browser from the DuckDB store, the
+footer from the ``provenance.json`` files under ``results/<exp>/``. Everything is inlined (CSS, JavaScript,
+PNGs as data URIs), so both pages open from ``file://`` with no network. A missing or incomplete analysis is
+shown as "not run" instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import importlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import markupsafe
+import polars as pl
+
+from darkmatter.analysis.contract import load_outputs
+from darkmatter.analysis.contract import method as module_method
+from darkmatter.analysis.contract import question as module_question
+from darkmatter.config import stable_hash
+from darkmatter.paths import ExperimentPaths
+from darkmatter.provenance import git_state, package_versions
+from darkmatter.report.browser import DEFAULT_LIMITS, BrowserLimits, browser_data
+from darkmatter.report.tables import (
+    CompactTable,
+    compact_table,
+    experiment_facts,
+    fmt,
+    sae_table,
+    stage_records,
+    stage_totals,
+)
+from darkmatter.store.build import connect
+
+log = logging.getLogger(__name__)
+
+HEADLINE_ITEMS = 4  # summary numbers per analysis in the report's top table (every one is in its section)
+
+
+@dataclass
+class AnalysisSection:
+    """One analysis as the report shows it; ``status`` is ``"ok"`` or ``"not run"`` (then ``reason`` says why)."""
+
+    name: str
+    status: str
+    question: str
+    method: str = ""
+    paper_claim: str = ""
+    reason: str = ""
+    seconds: float | None = None
+    summary: list[tuple[str, str]] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (name, data URI)
+    table: CompactTable | None = None
+
+    @property
+    def anchor(self) -> str:
+        return f"analysis-{self.name}"
+
+    @property
+    def badge(self) -> str:
+        """The status shown beside the title: the run time, or "not run"."""
+        if self.status != "ok":
+            return self.status
+        return f"{self.seconds:.1f} s" if self.seconds is not None else "ok"
+
+
+def _module_text(name: str) -> tuple[str, str, str]:
+    """(question, method, paper claim) from ``analyses.<name>``'s docstring, or empty when it cannot be imported.
+
+    Used for analyses that have not run, so their section still says what they would answer.
+    """
+    module_name = f"analyses.{name}"
+    try:
+        if importlib.util.find_spec(module_name) is None:
+            return "", "", ""
+        module = importlib.import_module(module_name)
+    except Exception as e:  # an import error in one analysis must not take the report down
+        log.warning("cannot import %s for its description: %s", module_name, e)
+        return "", "", ""
+    return module_question(module), module_method(module), getattr(module, "PAPER_CLAIM", "")
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def _headline_first(summary: dict[str, Any], headline: list[str]) -> list[str]:
+    """The summary keys with the analysis's HEADLINE keys first, in its order, then the rest alphabetically."""
+    return [k for k in headline if k in summary] + sorted(k for k in summary if k not in headline)
+
+
+def load_section(folder: Path, name: str) -> AnalysisSection:
+    """Read one analysis folder into a section; a missing folder or file gives a "not run" section."""
+    try:
+        out = load_outputs(folder)
+    except (OSError, ValueError, pl.exceptions.PolarsError) as e:
+        question, method, claim = _module_text(name)
+        reason = "no output folder" if not Path(folder).exists() else f"incomplete outputs ({type(e).__name__}: {e})"
+        log.warning("analysis %s not run: %s", name, reason)
+        return AnalysisSection(name=name, status="not run", question=question or name, method=method,
+                               paper_claim=claim, reason=reason)
+    meta, figures = out["meta"], out["figures"]
+    # meta.json lists the figures in the order the analysis made them; fall back to what is on disk.
+    names = [n for n in meta.get("figures", []) if n in figures] or list(figures)
+    return AnalysisSection(
+        name=name, status="ok", question=meta.get("question") or name, method=meta.get("method", ""),
+        paper_claim=meta.get("paper_claim", ""), seconds=meta.get("seconds"),
+        summary=[(k, fmt(out["summary"][k])) for k in _headline_first(out["summary"], meta.get("headline", []))],
+        figures=[(n, _data_uri(figures[n])) for n in names],
+        table=compact_table(out["table"]),
+    )
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("darkmatter.report", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    # Long snake_case names (summary keys) may wrap after an underscore, never inside a word.
+    env.filters["wbr"] = lambda text: markupsafe.Markup("_<wbr>").join(str(text).split("_"))
+    return env
+
+
+def _asset(name: str) -> str:
+    return resources.files("darkmatter.report").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _script_json(data: Any) -> str:
+    """JSON safe to place inside a <script> element: '<' is escaped, so no token can close the element."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def render_report(paths: ExperimentPaths, analyses: list[str], config: dict[str, Any],
+                  limits: BrowserLimits = DEFAULT_LIMITS, out: Path | None = None) -> Path:
+    """Write the report (``out``, default ``reports/<exp>/index.html``) and ``browser.html`` beside it.
+
+    ``analyses`` names the experiment's analysis folders in the order to show them; ``config`` is the
+    experiment configuration as plain data (``darkmatter.config.to_dict`` or the slice the Snakemake rule passes);
+    ``limits`` bounds what the token browser embeds.
+    """
+    exp_results, db, out = paths.root, paths.database, Path(out or paths.report_index)
+    env = _environment()
+    css = _asset("report.css")
+    sections = [load_section(paths.analysis(name), name) for name in analyses]
+
+    store: dict[str, Any] = {"ok": db.is_file(), "path": str(db)}
+    if store["ok"]:
+        data = browser_data(db, limits)
+        with connect(db) as con:
+            store["saes"] = sae_table(con)
+        store |= {"n_tokens": data["n_tokens_total"], "n_contexts": data["n_contexts_total"],
+                  "n_saes": len(data["saes"]), "n_embedded": len(data["contexts"])}
+        browser = env.get_template("browser.html.j2").render(
+            title=f"Dark-matter browser · {config.get('name', exp_results.name)}", css=css + _asset("browser.css"),
+            js=_asset("browser.js"), data_json=_script_json(data), limits=limits, data=data)
+        write_text_atomic(out.parent / "browser.html", browser)
+    else:
+        log.warning("%s does not exist: the report has no SAE table and no token browser", db)
+
+    stages = stage_records(exp_results)
+    report_prov = {**git_state(), "config_hash": stable_hash(config), "packages": package_versions(),
+                   "rendered_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    html = env.get_template("index.html.j2").render(
+        title=f"Dark matter of sparse autoencoders · {config.get('name', exp_results.name)}", css=css,
+        facts=experiment_facts(config, store), sections=sections, headline_items=HEADLINE_ITEMS, store=store,
+        limits=limits, stages=stages, stage_totals=stage_totals(stages), prov=report_prov,
+        shas=sorted({s["git_sha"] for s in stages if s["git_sha"]}),
+    )
+    write_text_atomic(out, html)
+    log.info("report: %s (%d bytes), %d analyses (%d not run)", out, len(html.encode()), len(sections),
+             sum(s.status != "ok" for s in sections))
+    return out

@@ -1,0 +1,89 @@
+"""SAE identifiers and family expansion: the one place where an ``sae_id`` is built or parsed.
+
+An sae_id names one trained SAE on one hook: ``{architecture}-w{d_sae}-k{k}-s{seed}``, e.g. ``topk-w8192-k32-s0``.
+``k`` is the sparsity target: exact L0 for ``topk``, mean L0 for ``batchtopk``, the target of the L0 loss for
+``jumprelu`` and of the L1 coefficient controller for ``relu`` (see darkmatter.sae.objectives).
+
+An experiment's ``families`` are grids (architecture × widths × ks × seeds) on a hook; :func:`expand_families`
+turns them into unique members, so an SAE that belongs to two families (the 4096-wide k=32 TopK SAE sits in both
+the width and the k family of the default experiment) is trained once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from darkmatter.config import SaeFamilyConfig
+from darkmatter.sae.architectures import ARCHITECTURES
+
+SAE_ID_RE = re.compile(r"^(?P<architecture>[a-z]+)-w(?P<d_sae>[1-9][0-9]*)-k(?P<k>[1-9][0-9]*)-s(?P<seed>[0-9]+)$")
+
+
+@dataclass(frozen=True, order=True)
+class SaeSpec:
+    """What distinguishes one trained SAE from another on the same hook and data."""
+
+    architecture: str
+    d_sae: int
+    k: int
+    seed: int
+
+    @property
+    def sae_id(self) -> str:
+        return f"{self.architecture}-w{self.d_sae}-k{self.k}-s{self.seed}"
+
+
+def sae_id(architecture: str, d_sae: int, k: int, seed: int) -> str:
+    """``topk-w8192-k32-s0``; raises ValueError for an unknown architecture or non-positive sizes."""
+    spec = SaeSpec(architecture, int(d_sae), int(k), int(seed))
+    parse_sae_id(spec.sae_id)  # validates
+    return spec.sae_id
+
+
+def parse_sae_id(text: str) -> SaeSpec:
+    """The inverse of :func:`sae_id` (raises ValueError naming the expected form)."""
+    m = SAE_ID_RE.match(text)
+    if m is None or m["architecture"] not in ARCHITECTURES:
+        raise ValueError(f"invalid sae_id {text!r}; expected '<architecture>-w<width>-k<k>-s<seed>' with architecture "
+                         f"one of {', '.join(ARCHITECTURES)}, e.g. 'topk-w8192-k32-s0'.")
+    return SaeSpec(m["architecture"], int(m["d_sae"]), int(m["k"]), int(m["seed"]))
+
+
+@dataclass(frozen=True)
+class SaeMember:
+    """One SAE to train: its spec, the hook it reads and the families that contain it."""
+
+    hook: str
+    spec: SaeSpec
+    families: tuple[str, ...]
+
+    @property
+    def sae_id(self) -> str:
+        return self.spec.sae_id
+
+    @property
+    def path(self) -> str:
+        """Location relative to ``results/<exp>/saes/``: ``<hook>/<sae_id>``."""
+        return f"{self.hook}/{self.sae_id}"
+
+
+def expand_families(families: Sequence[SaeFamilyConfig], primary_hook: str) -> list[SaeMember]:
+    """Unique members of every family that is trained here (families with a ``source`` are loaded, not trained);
+    a family without a hook is on ``primary_hook``.
+
+    Order: first appearance in the config (families in order, then widths × ks × seeds), so runs are stable.
+    """
+    members: dict[tuple[str, SaeSpec], list[str]] = {}
+    for fam in families:
+        if fam.source is not None:
+            continue
+        hook = fam.hook or primary_hook
+        for width in fam.widths:
+            for k in fam.ks:
+                for seed in fam.seeds:
+                    names = members.setdefault((hook, SaeSpec(fam.architecture, width, k, seed)), [])
+                    if fam.name not in names:
+                        names.append(fam.name)
+    return [SaeMember(hook, spec, tuple(names)) for (hook, spec), names in members.items()]

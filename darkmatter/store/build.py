@@ -1,0 +1,100 @@
+"""The queryable per-token store: one DuckDB file per experiment, built once, then opened read-only.
+
+:func:`build_database` is the only writer (the ``build_database`` rule); it writes to a temporary file and
+renames it into place. Everything downstream calls :func:`connect`, which opens the file read-only so that
+analyses can run in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from darkmatter.config import SaeFamilyConfig
+from darkmatter.paths import ExperimentPaths
+from darkmatter.store.schema import TABLES, VIEWS, create_table_sql
+
+
+class StoreError(ValueError):
+    """A table handed to the store does not match the schema."""
+
+
+def _check_columns(name: str, frame: pl.DataFrame) -> pl.DataFrame:
+    want = [c.name for c in TABLES[name]]
+    missing = [c for c in want if c not in frame.columns]
+    if missing:
+        raise StoreError(f"table '{name}' lacks columns {missing}; expected {want}.")
+    return frame.select(want)
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (COMMENT ON takes no bound parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
+                   token_error_shards: Sequence[str | Path], token_ce: pl.DataFrame | None = None) -> Path:
+    """Create the DuckDB file at ``path`` from the token and SAE tables, per-SAE Parquet shards and CE rows."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    frames = {"tokens": _check_columns("tokens", tokens), "saes": _check_columns("saes", saes)}
+    if token_ce is not None:
+        frames["token_ce"] = _check_columns("token_ce", token_ce)
+    cols = ", ".join(c.name for c in TABLES["token_errors"])
+    try:
+        with duckdb.connect(str(tmp)) as con:
+            for name in TABLES:
+                con.execute(create_table_sql(name))
+                for c in TABLES[name]:
+                    con.execute(f"COMMENT ON COLUMN {name}.{c.name} IS {_literal(c.doc)}")
+            for name, frame in frames.items():
+                con.register(f"{name}_frame", frame.to_arrow())
+                con.execute(f"INSERT INTO {name} SELECT * FROM {name}_frame")
+            if token_error_shards:
+                files = [str(p) for p in token_error_shards]
+                con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])
+            for view, (doc, sql) in VIEWS.items():
+                con.execute(f"CREATE VIEW {view} AS {sql}")
+                con.execute(f"COMMENT ON VIEW {view} IS {_literal(doc)}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """Open the store read-only (many readers at once; the file is never modified after it is built)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run the build_database step first.")
+    return duckdb.connect(str(path), read_only=True)
+
+
+def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFamilyConfig], primary_hook: str,
+                              out: Path | None = None) -> Path:
+    """The ``build_database`` step: gather an experiment's tokens, SAE metrics, per-token errors and spliced CE
+    (each where :class:`~darkmatter.paths.ExperimentPaths` puts it) into ``out`` (default: ``paths.database``)."""
+    import polars as pl
+
+    from darkmatter.data.activations import ActivationStore
+    from darkmatter.data.models import load_tokenizer
+    from darkmatter.errors.measure import METRICS, TOKEN_ERRORS
+    from darkmatter.io import read_json
+    from darkmatter.sae.families import expand_families
+    from darkmatter.store.tables import saes_table, tokens_table
+
+    members = expand_families(families, primary_hook)
+    tokenizer = load_tokenizer(read_json(paths.model_json)["path"])
+    tokens = tokens_table(ActivationStore(paths.activations("eval")), paths.contexts("eval"), tokenizer)
+    ce_summary, token_ce = (paths.ce / "summary.parquet", paths.ce / "token_ce.parquet")
+    saes = saes_table(members, [paths.sae_errors(m.hook, m.sae_id) / METRICS for m in members],
+                      pl.read_parquet(ce_summary) if ce_summary.is_file() else None)
+    return build_database(out or paths.database, tokens, saes,
+                          [paths.sae_errors(m.hook, m.sae_id) / TOKEN_ERRORS for m in members],
+                          pl.read_parquet(token_ce) if token_ce.is_file() else None)

@@ -1,0 +1,52 @@
+"""Assemble the store's tables from an experiment's result files (for ``build_database``).
+
+Each function reads one kind of artifact and returns a polars frame with the columns of
+:mod:`darkmatter.store.schema`; :func:`darkmatter.store.build_database` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from darkmatter.data.activations import ActivationStore
+from darkmatter.sae.families import SaeMember
+from darkmatter.store.schema import SAES
+
+
+def tokens_table(store: ActivationStore, contexts_parquet: Path, tokenizer) -> pl.DataFrame:
+    """One row per eval row: position, token id and text, source document, clean loss (NaN → NULL)."""
+    index = store.index()
+    ids = np.unique(index["token_id"].to_numpy())
+    text = pl.DataFrame({"token_id": ids.astype(np.int32),
+                         "token_text": [tokenizer.decode([int(i)]) for i in ids]})
+    docs = pl.read_parquet(contexts_parquet).select("context", "doc_id")
+    return (index.join(text, on="token_id", how="left").join(docs, on="context", how="left")
+            .with_columns(pl.col("loss").fill_nan(None)).sort("row"))
+
+
+def saes_table(members: Sequence[SaeMember], metrics: Sequence[Path],
+               ce_summary: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per SAE: identity (from the config), its metrics.json (eval metrics and decomposition results,
+    darkmatter.errors.measure), CE score and KL."""
+    identity = ("sae_id", "hook", "families", "architecture", "width", "k", "seed")
+    rows = []
+    for member, metrics_path in zip(members, metrics, strict=True):
+        m = json.loads(Path(metrics_path).read_text())
+        rows.append({
+            "sae_id": member.sae_id, "hook": member.hook, "families": ",".join(member.families),
+            "architecture": member.spec.architecture, "width": member.spec.d_sae,
+            "k": member.spec.k, "seed": member.spec.seed,
+            **{c.name: m[c.name] for c in SAES if c.name in m and c.name not in identity},
+        })
+    table = pl.DataFrame(rows)
+    if ce_summary is not None and ce_summary.height:
+        table = table.join(ce_summary.select("sae_id", "ce_loss_score", "kl_sae"), on="sae_id", how="left")
+    for col in SAES:
+        if col.name not in table.columns:
+            table = table.with_columns(pl.lit(None, dtype=pl.Float64).alias(col.name))
+    return table.select([c.name for c in SAES])

@@ -1,0 +1,23 @@
+# The experiment's DuckDB store (darkmatter.store; its only writer).
+
+
+rule build_database:
+    input:
+        model=rules.prepare_model.output[0],
+        corpus=rules.prepare_corpus.output[0],
+        activations=str(P.activations("eval")),
+        errors=[str(P.errors(hook)) for hook in HOOKS],
+        ce=rules.measure_ce.output[0],
+    output:
+        str(P.database),
+    params:
+        py=PY,
+        store=step_params(EXP, "build-database"),
+        results=str(P.root),
+    conda:
+        "../envs/darkmatter.yaml"
+    log:
+        str(P.log("build_database")),
+    shell:
+        "{params.py:q} -m darkmatter.cli build-database --params {params.store:q} --results {params.results:q} "
+        "--out {output:q} > {log:q} 2>&1"
