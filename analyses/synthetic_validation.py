@@ -114,7 +114,7 @@ def level_moments(x_noisy: np.ndarray, z_rec: np.ndarray, recons: list[np.ndarra
         return np.concatenate([z_rec[rows], *(xn - r[rows] for r in recons)], axis=1, dtype=np.float64)
 
     # a float64 chunk of k·d columns: keep it near 64 MiB
-    m = stream_moments(x_noisy, LazyRows(n, k * d, stacked), mask, chunk_rows=max(256, 2**23 // (k * d)))
+    m = stream_moments(x_noisy, LazyRows(n, k * d, stacked, dtype=np.float64), mask, chunk_rows=max(256, 2**23 // (k * d)))
     assert m.x is not None and m.y is not None
     design = Design(m.x[0], m.x[1], intercept=intercept, ridge=ridge)
     moments = (m.y[0], m.y[1])

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkmatter.data.harvest import HarvestSpec, capture, harvest
 from darkmatter.config import hook_layer
+from darkmatter.data.harvest import HarvestSpec, capture, harvest
 from darkmatter.data.models import blocks, load_model
 
 

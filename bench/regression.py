@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from darkmatter.errors.family_fit import SparseCodes, choose_method, decompose_family
+
 from darkmatter.regression.solve import heldout_r2, split_mask
 
 D_MODEL = 576

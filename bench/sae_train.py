@@ -41,8 +41,8 @@ import torch  # noqa: E402
 
 from darkmatter.config import SaeTrainingConfig  # noqa: E402
 from darkmatter.sae.families import SaeSpec  # noqa: E402
-from darkmatter.sae.objectives import batch_variance  # noqa: E402
 from darkmatter.sae.model import Sae  # noqa: E402
+from darkmatter.sae.objectives import batch_variance  # noqa: E402
 from darkmatter.sae.train import Trainer, default_lr  # noqa: E402
 
 # ours / dense / sparsify compute the same function from the same start on the same batches; they differ by

@@ -12,34 +12,25 @@ __version__ = "0.1.0"
 
 _API = {
     # metrics: the one definition of each
-    "fvu": "darkmatter.errors.metrics",
-    "nmse_per_token": "darkmatter.errors.metrics",
-    "cosine_per_token": "darkmatter.errors.metrics",
-    "FvuAccumulator": "darkmatter.errors.metrics",
-    # regression and the linear / nonlinear error decomposition
-    "fit_linear": "darkmatter.regression.solve",
-    "heldout_r2": "darkmatter.regression.solve",
-    "r2_scores": "darkmatter.regression.solve",
-    "split_mask": "darkmatter.regression.solve",
-    "Design": "darkmatter.regression.solve",
-    "decompose_error": ("darkmatter.errors.decompose", "decompose"),
-    "decompose_family": "darkmatter.errors.family_fit",
-    "error_components": "darkmatter.errors.decompose",
+    **dict.fromkeys(("fvu", "nmse_per_token", "cosine_per_token", "l2_ratio_per_token", "token_sums",
+                     "FvuAccumulator", "LatentAccumulator", "ReconstructionAccumulator"), "darkmatter.errors.metrics"),
+    # least squares and held-out R²
+    **dict.fromkeys(("fit_linear", "heldout_r2", "r2_scores", "split_mask", "stream_moments", "Design"),
+                    "darkmatter.regression"),
+    # the linear / nonlinear error decomposition (one route, for one SAE or a family)
+    **dict.fromkeys(("decompose_error", "decompose_family", "error_parts", "error_components", "ErrorFit",
+                     "DenseReconstruction"), "darkmatter.errors.decompose"),
     # scaling laws
-    "fit_power_law": "darkmatter.errors.scaling",
-    "scaling_decomposition": "darkmatter.errors.scaling",
+    **dict.fromkeys(("fit_power_law", "scaling_decomposition"), "darkmatter.errors.scaling"),
     # SAEs
-    "Sae": "darkmatter.sae.model",
-    "save_sae": "darkmatter.sae.model",
-    "load_sae": "darkmatter.sae.model",
-    "load_sae_any": ("darkmatter.sae.formats", "load_any"),
+    **dict.fromkeys(("Sae", "save_sae", "load_sae", "ARCHITECTURES", "SparseCodes", "encode", "sparse_codes"),
+                    "darkmatter.sae"),
     # splicing into the model
-    "splice_losses": "darkmatter.downstream.splice",
-    "percent_recovered": "darkmatter.downstream.splice",
-    "ce_loss_score": "darkmatter.downstream.splice",
-    # data
+    **dict.fromkeys(("splice_losses", "percent_recovered", "ce_loss_score"), "darkmatter.downstream"),
+    # data, configuration, result paths
     "ActivationStore": "darkmatter.data.activations",
     "load_config": "darkmatter.config",
+    "ExperimentPaths": "darkmatter.paths",
 }
 
 __all__ = sorted(_API)
@@ -49,8 +40,7 @@ def __getattr__(name: str) -> Any:
     target = _API.get(name)
     if target is None:
         raise AttributeError(f"module 'darkmatter' has no attribute {name!r}")
-    module, attr = target if isinstance(target, tuple) else (target, name)
-    return getattr(importlib.import_module(module), attr)
+    return getattr(importlib.import_module(target), name)
 
 
 def __dir__() -> list[str]:

@@ -135,9 +135,9 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
 def cmd_encode_sae(args: argparse.Namespace) -> None:
     from darkmatter.data.activations import ActivationStore
     from darkmatter.sae.codes import encode_to_folder
-    from darkmatter.sae.formats import load_any
+    from darkmatter.sae.formats import load_sae
 
-    sae = load_any(args.sae)
+    sae = load_sae(args.sae)
     x = ActivationStore(args.activations).activations(args.hook)
     if sae.d_in != x.shape[1]:
         raise InputError(f"SAE {args.sae} has d_in={sae.d_in} but the activations of {args.hook} in "
@@ -179,8 +179,7 @@ def cmd_build_database(args: argparse.Namespace) -> None:
 
     params = _params(args)
     families = [from_dict(SaeFamilyConfig, f, f"params.families[{i}]") for i, f in enumerate(params["families"])]
-    build_experiment_database(ExperimentPaths.at(args.results), families, params["harvest"]["hooks"][0],
-                              Path(args.out))
+    build_experiment_database(ExperimentPaths.from_database(args.out), families, params["harvest"]["hooks"][0])
 
 
 def cmd_render_report(args: argparse.Namespace) -> None:
@@ -190,7 +189,7 @@ def cmd_render_report(args: argparse.Namespace) -> None:
     # Only the limits given on the command line; the rest keep BrowserLimits' documented defaults.
     given = {k: getattr(args, k) for k in ("max_contexts", "top_k", "contexts_per_page")
              if getattr(args, k) is not None}
-    render_report(ExperimentPaths.at(args.results), args.analyses, _params(args), BrowserLimits(**given),
+    render_report(ExperimentPaths.from_database(args.db), args.analyses, _params(args), BrowserLimits(**given),
                   out=Path(args.out) if args.out else None)
 
 
@@ -232,9 +231,9 @@ def parser() -> argparse.ArgumentParser:
                 ("--out", "the CE folder to write"))
     p.add_argument("--saes", nargs="+", required=True, help="the SAE folders")
     command("build-database", "the experiment's DuckDB store (its only writer)", params,
-            ("--results", "the experiment's results folder, results/<exp>"), ("--out", "the database to write"))
+            ("--out", "the store to write, results/<exp>/darkmatter.duckdb"))
     p = command("render-report", "reports/<exp>/index.html and browser.html beside it", params,
-                ("--results", "the experiment's results folder, results/<exp>"))
+                ("--db", "the experiment's store, results/<exp>/darkmatter.duckdb"))
     p.add_argument("--analyses", nargs="*", default=[], help="analysis names, in report order")
     p.add_argument("--out", default=None, help="the report to write (default: reports/<exp>/index.html)")
     for flag in ("--max-contexts", "--top-k", "--contexts-per-page"):

@@ -44,6 +44,14 @@ class ExperimentPaths:
         return cls(base / RESULTS / name, base / REPORTS / name)
 
     @classmethod
+    def from_database(cls, database: str | Path) -> ExperimentPaths:
+        """The paths of the experiment whose store is ``database`` (results/<exp>/darkmatter.duckdb)."""
+        database = Path(database)
+        if database.name != DATABASE:
+            raise ValueError(f"{database} is not an experiment's store; expected results/<exp>/{DATABASE}.")
+        return cls.at(database.parent)
+
+    @classmethod
     def at(cls, root: str | Path) -> ExperimentPaths:
         """The paths of the experiment whose results folder is ``root`` (its reports beside, by name)."""
         root = Path(root)

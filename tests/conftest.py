@@ -1,15 +1,42 @@
-"""Shared fixtures: tiny random models saved to disk and loaded through the same path as real checkpoints."""
+"""Fixtures shared by every test: seeding, a single torch thread for tiny tensors, tiny random models on disk."""
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from darkmatter.config import RandomModelConfig
 from darkmatter.data.models import build_random_model, load_model
+from tests.helpers import REPO, torch_threads
 
-REPO = Path(__file__).resolve().parent.parent
+__all__ = ["REPO"]
+
+
+@pytest.fixture(autouse=True)
+def seeded(request) -> int:
+    """Every test starts from the same global torch RNG state, derived from its id (so a test that draws from
+    torch's global generator is reproducible on its own and in any order); the seed is also available as a fixture
+    for tests that make their own generators (numpy code here always takes an explicit Generator)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture
+def rng(seeded: int) -> np.random.Generator:
+    """A numpy generator seeded like :func:`seeded`."""
+    return np.random.default_rng(seeded)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second torch thread only adds synchronisation (and waits, on a shared 2-core machine)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

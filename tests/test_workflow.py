@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from darkmatter.config import load_config
 from darkmatter.sae.families import expand_families
 from darkmatter.store.build import connect
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -69,7 +70,7 @@ def test_smoke_workflow_end_to_end(tmp_path):
         meta = json.loads((results / "activations" / split / "meta.json").read_text())
         assert meta["hooks"] == ["blocks.1.hook_resid_post"]
         assert (results / "activations" / split / "provenance.json").is_file()
-    n_saes = len(expand_families(cfg))
+    n_saes = len(expand_families(cfg.families, cfg.primary_hook))
     with connect(results / "darkmatter.duckdb") as con:
         n_tokens = con.execute("SELECT count(*) FROM tokens").fetchone()[0]
         assert n_tokens == cfg.harvest.eval_contexts * (cfg.harvest.context_size - cfg.harvest.min_pos)
@@ -87,3 +88,26 @@ def test_smoke_workflow_end_to_end(tmp_path):
     # A second run has nothing to do.
     again = _run([*args, "-n"])
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # Editing a key reruns exactly the steps that read it, and what depends on their outputs.
+    smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    analysis_edit = smoke | {"analysis": smoke["analysis"] | {"synthetic_validation": {"tokens": 500}}}
+    assert planned_jobs(args, analysis_edit, tmp_path) == {"run_analysis": 1, "render_report": 1, "all": 1}
+    fit_edit = smoke | {"decomposition": smoke["decomposition"] | {"fit_tokens": 1200}}
+    assert planned_jobs(args, fit_edit, tmp_path) == {
+        "measure_errors": 1, "measure_ce": 1, "build_database": 1, "run_analysis": len(cfg.analysis.names),
+        "render_report": 1, "all": 1}  # no harvest, no training, no encoding
+
+
+def planned_jobs(args: list[str], config: dict, tmp_path) -> dict[str, int]:
+    """``snakemake -n`` with an edited config: the jobs it would run, by rule (its "Job stats" table)."""
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(config))
+    res = _run([*args[:-1], str(edited), "-n"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = (res.stdout + res.stderr).split("Job stats:")[1].split("\n\n")[0]
+    jobs = {}
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] != "total":
+            jobs[parts[0]] = int(parts[1])
+    return jobs

@@ -75,9 +75,9 @@ class AnalysisContext:
 
     def sae(self, hook: str, sae_id: str):
         """An SAE of the experiment (:class:`darkmatter.sae.Sae`)."""
-        from darkmatter.sae.formats import load_any
+        from darkmatter.sae.formats import load_sae
 
-        return load_any(self.paths.sae(hook, sae_id))
+        return load_sae(self.paths.sae(hook, sae_id))
 
     def codes(self, hook: str, sae_id: str, sae=None):
         """That SAE's stored codes of the eval tokens (:class:`darkmatter.sae.codes.SparseCodes`, memmapped)."""

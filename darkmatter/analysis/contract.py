@@ -19,6 +19,7 @@ these and nothing else.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import time
@@ -60,6 +61,8 @@ def run(module: ModuleType, ctx: AnalysisContext, out: Path) -> Path:
 
     apply_style()
     started = time.time()
+    if not ctx.name:  # the context reads this analysis's options
+        ctx = dataclasses.replace(ctx, name=module_name(module))
     table = module.compute(ctx)
     summary = module.summarize(table)
     name = module_name(module)
@@ -82,12 +85,12 @@ def run(module: ModuleType, ctx: AnalysisContext, out: Path) -> Path:
 
 
 def run_cli(module: ModuleType, argv: list[str] | None = None) -> None:
-    """``python -m analyses.<name> --results results/<exp> --params JSON [--out DIR]``."""
+    """``python -m analyses.<name> --db results/<exp>/darkmatter.duckdb --params JSON [--out DIR]``."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ap = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=question(module))
-    ap.add_argument("--results", required=True, help="the experiment's results folder, results/<exp>")
+    ap.add_argument("--db", required=True, help="the experiment's store, results/<exp>/darkmatter.duckdb")
     ap.add_argument("--params", required=True, help="JSON: the analysis's config slice (darkmatter.config.steps)")
     ap.add_argument("--out", default=None, help="output folder (default: results/<exp>/analyses/<name>)")
     ap.add_argument("--threads", type=int, default=None)
@@ -96,7 +99,7 @@ def run_cli(module: ModuleType, argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    paths, name = ExperimentPaths.at(args.results), module_name(module)
+    paths, name = ExperimentPaths.from_database(args.db), module_name(module)
     run(module, AnalysisContext(paths, json.loads(args.params), name),
         Path(args.out) if args.out else paths.analysis(name))
 

@@ -59,7 +59,7 @@ def heldout_by_context(design: Design, split: EvalSplit, target: Target, width: 
     """Fit ``target`` (row ids → [n, width]) on x over the split's fit rows with ``design`` (its x moments, same
     rows); stream the test rows once for their per-context sums (n, Σ(y − t), Σ(y − t)², Σ(y − ŷ)², float64)."""
     x, fit_rows = split.x, split.fit_rows
-    m = stream_moments(LazyRows(x.shape[0], x.shape[1], x.__getitem__, fit_rows),
+    m = stream_moments(LazyRows(x.shape[0], x.shape[1], x.__getitem__, fit_rows, x.dtype),
                        LazyRows(x.shape[0], width, target, fit_rows), shift_x=design.shift, gram=False,
                        chunk_rows=chunk_rows)
     assert m.y is not None

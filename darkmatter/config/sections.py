@@ -167,7 +167,7 @@ class SyntheticValidationOptions:
 
     sae_id: str | None = None
     tokens: int = 20_000
-    ablate_percent: tuple[float, ...] = (0, 10, 20, 30, 40, 50)
+    ablate_percent: tuple[float, ...] = (0.0, 10.0, 20.0, 30.0, 40.0, 50.0)
     noise_levels: tuple[int, ...] = (0, 1, 2, 3, 4)
     noise_step: float = 0.25
 

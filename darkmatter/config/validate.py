@@ -12,7 +12,6 @@ import yaml
 from darkmatter.config.parse import ConfigError, from_dict
 from darkmatter.config.sections import ExperimentConfig, ModelConfig
 
-
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out)$")
 EMBEDDED_N_LAYERS = 30
 
@@ -128,7 +127,9 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     _require(0 < an.confidence < 1, where, "analysis.confidence", "strictly between 0 and 1", an.confidence)
     names = [f.name for f in cfg.families]
     _require(len(set(names)) == len(names), where, "families", "families with distinct names", names)
-    from darkmatter.sae.architectures import ARCHITECTURES  # the registry (imports torch: only when validating)
+    from darkmatter.sae.architectures import (
+        ARCHITECTURES,  # the registry (imports torch: only when validating)
+    )
 
     for i, fam in enumerate(cfg.families):
         p = f"families[{i}]"

@@ -20,8 +20,8 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from darkmatter.io import read_json, write_json
 from darkmatter.data.models import hook_module, logits_from_hidden, output_tensor
+from darkmatter.io import read_json, write_json
 from darkmatter.precision import autocast
 from darkmatter.provenance import write_provenance
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from darkmatter.downstream.splice import ce_loss_score, mean_ablation, percent_recovered, splice_losses, zero_ablation
+from darkmatter.downstream.splice import (
+    ce_loss_score,
+    mean_ablation,
+    percent_recovered,
+    splice_losses,
+    zero_ablation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +137,7 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
     from darkmatter.io import atomic_dir
     from darkmatter.provenance import write_provenance
     from darkmatter.regression import load_moments
-    from darkmatter.sae.formats import load_any
+    from darkmatter.sae.formats import load_sae
 
     started = time.time()
     model, _ = load_model(model_path)
@@ -142,7 +148,7 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
     saes = {}
     for sae_dir in sae_dirs:
         sae_id = Path(sae_dir).name
-        sae, lin = load_any(sae_dir), load_file(str(Path(errors) / sae_id / LINEAR_MAP))
+        sae, lin = load_sae(sae_dir), load_file(str(Path(errors) / sae_id / LINEAR_MAP))
         saes[sae_id] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
     chosen = context_subset(len(tokens), contexts)
     table = measure_ce(model, tokens, chosen, hook, min_pos, saes, mean, batch_contexts=batch_contexts)

@@ -10,7 +10,7 @@ b* is fitted on the fit split (:func:`darkmatter.regression.split_mask`) and app
 regressed on x alongside (its map a, a0 shares the pass). Reconstructions are :class:`~darkmatter.sae.codes.SparseCodes`
 (what the workflow stores) or dense arrays (:class:`DenseReconstruction`); both go through the same two passes:
 
-1. :func:`decompose` — one pass over x for the family (:mod:`darkmatter.regression.moments`): the x statistics and
+1. :func:`decompose_family` — one pass over x for the family (:mod:`darkmatter.regression.moments`): the x statistics and
    their factorisation are shared; per SAE the target row [e, ‖e‖²] is decoded tile by tile and its sums and cross
    moments accumulated (float32 within a tile, float64 across). For sparse codes the cross moment can instead come
    from Σx̃ᵀz [d_sae, d] (N·k·d multiply-adds instead of N·d²: Σx̃ᵀe = Σx̃ᵀx̃ + Σx̃·(s − b_dec − t)ᵀ − (Σx̃ᵀz)·W_dec);
@@ -47,6 +47,7 @@ from darkmatter.regression import (
     TargetMoments,
     TargetSums,
     XMoments,
+    as_tensor,
     XSums,
     chunks,
     residual_ss,
@@ -69,24 +70,30 @@ SPARSE_MAX_ACCUMULATOR_BYTES = 128 * 2**20
 
 class DenseReconstruction:
     """A dense reconstruction x_hat [N, d] (array, memmap or tensor) with the interface of
-    :class:`~darkmatter.sae.codes.SparseCodes` that the two passes use."""
+    :class:`~darkmatter.sae.codes.SparseCodes` that the two passes use. A float64 x_hat keeps float64 errors (and
+    float64 moments); anything else is float32, like decoded codes."""
 
     def __init__(self, x_hat: ArrayLike):
+        if x_hat.ndim != 2:
+            raise ValueError(f"x_hat must be a matrix [N, d], got shape {tuple(x_hat.shape)}.")
         self.x_hat_rows = x_hat
 
     @property
     def n_rows(self) -> int:
         return int(self.x_hat_rows.shape[0])
 
+    @property
+    def d(self) -> int:
+        return int(self.x_hat_rows.shape[1])
+
     def rows(self, rows: slice | np.ndarray) -> tuple[Tensor]:
-        r = self.x_hat_rows[rows]
-        return (r.detach().cpu().float() if isinstance(r, Tensor) else torch.from_numpy(np.array(r, np.float32)),)
+        return (as_tensor(self.x_hat_rows[rows]),)
 
     def x_hat_of(self, state: tuple[Tensor]) -> Tensor:
         return state[0]
 
-    def error_of(self, x32: Tensor, state: tuple[Tensor]) -> Tensor:
-        return x32 - state[0]
+    def error_of(self, x: Tensor, state: tuple[Tensor]) -> Tensor:
+        return x.to(state[0].dtype) - state[0]
 
     def l0(self, state: tuple[Tensor]) -> None:
         return None
@@ -184,18 +191,21 @@ def error_fit(design: Design, vector: Split, norm_sq: Split | None = None,
 # --------------------------------------------------------------------------------------------- pass 1: moments
 
 
+def sparse_pays(k: int, d_sae: int, d: int) -> bool:
+    """The ``auto`` rule (see :data:`SPARSE_MIN_D_OVER_K`): d ≥ 64·k and a float64 [d_sae, d] accumulator of at most
+    128 MiB."""
+    return d >= SPARSE_MIN_D_OVER_K * k and d_sae * d * 8 <= SPARSE_MAX_ACCUMULATOR_BYTES
+
+
 def choose_method(method: Method, recon: Reconstruction, d: int) -> Literal["sparse", "dense"]:
-    """Resolve ``auto`` (see :data:`SPARSE_MIN_D_OVER_K`): sparse for codes when d ≥ 64·k and the float64
-    accumulator [d_sae, d] is at most 128 MiB, else the dense GEMM. Dense reconstructions are always dense."""
+    """Resolve ``auto`` by :func:`sparse_pays` for codes; dense reconstructions are always dense."""
     if not isinstance(recon, SparseCodes):
         if method == "sparse":
             raise ValueError("method='sparse' needs sparse codes, not a dense reconstruction.")
         return "dense"
     if method != "auto":
         return method
-    k = int(recon.top_indices.shape[1])
-    sparse = d >= SPARSE_MIN_D_OVER_K * k and recon.d_sae * d * 8 <= SPARSE_MAX_ACCUMULATOR_BYTES
-    return "sparse" if sparse else "dense"
+    return "sparse" if sparse_pays(int(recon.top_indices.shape[1]), recon.d_sae, d) else "dense"
 
 
 class _ErrorSums:
@@ -213,8 +223,9 @@ class _ErrorSums:
         for split in range(len(chunk.splits)):
             for rows in chunk.tiles(split):
                 tile = _take(state, rows)
-                e = self.recon.error_of(chunk.x32[rows], tile)
-                norm_sq = torch.linalg.vector_norm(e, dim=1).square_()  # float32, like the target it goes into
+                x = chunk.x[rows] if isinstance(self.recon, DenseReconstruction) else chunk.x[rows].float()
+                e = self.recon.error_of(x, tile)
+                norm_sq = torch.linalg.vector_norm(e, dim=1).square_()  # in e's dtype, like the target it goes into
                 self.target.add_tile(split, chunk, rows, torch.cat([e, norm_sq[:, None]], dim=1))
                 if self.sparse:  # Σ_rows z_rowᵀ x̃_row [d_sae, d]: scipy's CSC product touches only the nonzeros
                     idx, val = tile
@@ -250,7 +261,7 @@ class _ErrorSums:
 
 @dataclass(frozen=True)
 class FamilyFit:
-    """What :func:`decompose` returns: the shared design (x moments and factorisation), the split mask, and one
+    """What :func:`decompose_family` returns: the shared design (x moments and factorisation), the split mask, and one
     :class:`ErrorFit` per reconstruction."""
 
     design: Design
@@ -258,7 +269,7 @@ class FamilyFit:
     fits: list[ErrorFit]
 
 
-def decompose(x: ArrayLike, reconstructions: Sequence[Reconstruction | ArrayLike], *, design: Design | None = None,
+def decompose_family(x: ArrayLike, reconstructions: Sequence[Reconstruction | ArrayLike], *, design: Design | None = None,
               mask: np.ndarray | None = None, fit_tokens: int = DEFAULTS.fit_tokens, seed: int = DEFAULTS.seed,
               intercept: bool = DEFAULTS.intercept, ridge: float = DEFAULTS.ridge, method: Method = "auto",
               chunk_rows: int = CHUNK_ROWS, progress: bool = False) -> FamilyFit:
@@ -272,8 +283,9 @@ def decompose(x: ArrayLike, reconstructions: Sequence[Reconstruction | ArrayLike
     n, d = x.shape
     recons = [as_reconstruction(r) for r in reconstructions]
     for i, r in enumerate(recons):
-        if r.n_rows != n:
-            raise ValueError(f"reconstruction {i} covers {r.n_rows} tokens but x has {n}.")
+        if r.n_rows != n or (isinstance(r, DenseReconstruction) and r.d != d):
+            shape = (r.n_rows, r.d if isinstance(r, DenseReconstruction) else r.W_dec.shape[1])
+            raise ValueError(f"reconstruction {i} has shape {shape} but x has {tuple(x.shape)}; they must match.")
     if mask is None:
         mask = split_mask(n, fit_tokens, seed)
     if design is not None and design.fit.n != int(mask.sum()):
@@ -366,7 +378,7 @@ def error_parts(x: ArrayLike, reconstructions: Sequence[Reconstruction | ArrayLi
                 progress: bool = False) -> list[ErrorParts]:
     """The second pass over x (module docstring): per-token norms, metrics and, when ``groups`` [N] (e.g. each
     row's eval context) is given, the per-group sums of the test rows for resampled R², for every reconstruction
-    of ``family`` (the result of :func:`decompose` on the same x and reconstructions)."""
+    of ``family`` (the result of :func:`decompose_family` on the same x and reconstructions)."""
     n = x.shape[0]
     recons = [as_reconstruction(r) for r in reconstructions]
     if len(recons) != len(family.fits):
@@ -376,7 +388,7 @@ def error_parts(x: ArrayLike, reconstructions: Sequence[Reconstruction | ArrayLi
     accs = [_PartsAccumulator(r, f, family.design, n, groups) for r, f in zip(recons, family.fits, strict=True)]
     for chunk in chunks(x, None, family.design.shift, chunk_rows=chunk_rows, progress=progress,
                         desc=f"error parts ({len(recons)} SAEs)"):
-        x64 = chunk.x32.double()
+        x64 = chunk.x.double()
         x_norm_sq = torch.linalg.vecdot(x64, x64)
         test = ~np.asarray(family.mask[chunk.sl])
         g = None if groups is None else np.asarray(groups[chunk.sl])
@@ -399,9 +411,9 @@ class ErrorDecomposition:
 
 def decompose_error(x: ArrayLike, x_hat: Reconstruction | ArrayLike, *, groups: np.ndarray | None = None,
                     **kwargs) -> ErrorDecomposition:
-    """Both passes for one reconstruction (dense x_hat [N, d] or sparse codes); ``kwargs`` as for :func:`decompose`
+    """Both passes for one reconstruction (dense x_hat [N, d] or sparse codes); ``kwargs`` as for :func:`decompose_family`
     (mask, fit_tokens, seed, intercept, ridge, chunk_rows, progress)."""
-    family = decompose(x, [x_hat], **kwargs)
+    family = decompose_family(x, [x_hat], **kwargs)
     parts = error_parts(x, [x_hat], family, groups=groups, chunk_rows=kwargs.get("chunk_rows", CHUNK_ROWS),
                         progress=kwargs.get("progress", False))
     return ErrorDecomposition(family.fits[0], parts[0])

@@ -31,12 +31,12 @@ import torch
 from safetensors.torch import save_file
 
 from darkmatter.data.activations import ActivationStore
-from darkmatter.errors.decompose import ErrorFit, ErrorParts, decompose, error_parts
+from darkmatter.errors.decompose import ErrorFit, ErrorParts, decompose_family, error_parts
 from darkmatter.io import InputError, atomic_dir, write_json
 from darkmatter.provenance import write_provenance
 from darkmatter.regression import save_moments, split_mask
 from darkmatter.sae.codes import load_codes
-from darkmatter.sae.formats import load_any
+from darkmatter.sae.formats import load_sae
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def measure_hook(saes: Sequence[str | Path], codes: Sequence[str | Path], store_
     started = time.time()
     store = ActivationStore(store_path)
     x = store.activations(hook)
-    models = [load_any(p) for p in saes]
+    models = [load_sae(p) for p in saes]
     for path, sae in zip(saes, models, strict=True):
         if sae.d_in != x.shape[1]:
             raise InputError(f"SAE {path} has d_in={sae.d_in} but the activations of {hook} in {store_path} have "
@@ -79,7 +79,7 @@ def measure_hook(saes: Sequence[str | Path], codes: Sequence[str | Path], store_
     recons = [load_codes(c, sae) for c, sae in zip(codes, models, strict=True)]
     mask = split_mask(x.shape[0], fit_tokens, seed)
     contexts = store.index()["context"].to_numpy().astype(np.int64)
-    family = decompose(x, recons, mask=mask, intercept=intercept, ridge=ridge, progress=progress)
+    family = decompose_family(x, recons, mask=mask, intercept=intercept, ridge=ridge, progress=progress)
     parts = error_parts(x, recons, family, groups=contexts, progress=progress)
     records: dict[str, dict[str, Any]] = {}
     with atomic_dir(Path(out)) as tmp:

@@ -299,12 +299,12 @@ class ReconstructionAccumulator:
                                     "x_dot_x_hat"), 0.0)
 
     def update(self, x: ArrayLike, x_hat: ArrayLike, latents: ArrayLike | None = None,
-               codes: tuple[ArrayLike, ArrayLike] | None = None) -> TokenSums:
+               codes: tuple[ArrayLike, ArrayLike] | None = None) -> ReconstructionAccumulator:
         """Add a chunk: ``x, x_hat [n, d_in]`` and ``latents [n, d_sae]`` or ``codes`` (indices, values [n, L]);
-        returns the chunk's :class:`TokenSums`."""
+        returns ``self``."""
         x64, xh64 = _pair(x, x_hat)
         self.fvu_acc.update(x64, xh64)
-        t = self.add(token_sums(x64, xh64))
+        self.add(token_sums(x64, xh64))
         if self.latents is not None:
             if latents is not None:
                 if latents.shape[0] != x64.shape[0]:
@@ -312,7 +312,7 @@ class ReconstructionAccumulator:
                 self.latents.update(latents)
             elif codes is not None:
                 self.latents.update_codes(*codes)
-        return t
+        return self
 
     def add(self, t: TokenSums) -> TokenSums:
         """Add a chunk's per-token sums (no latents, no variance of x); returns ``t``."""

@@ -27,7 +27,15 @@ from darkmatter.regression.moments import (
     stream_moments,
 )
 from darkmatter.regression.r2 import GroupSums, GroupSumsAccumulator, R2Scores, r2_from_ss, r2_scores
-from darkmatter.regression.solve import RCOND, Design, HeldoutFit, LinearFit, fit_linear, heldout_r2, residual_ss
+from darkmatter.regression.solve import (
+    RCOND,
+    Design,
+    HeldoutFit,
+    LinearFit,
+    fit_linear,
+    heldout_r2,
+    residual_ss,
+)
 
 __all__ = [
     "CHUNK_ROWS", "DEFAULTS", "RCOND", "TILE_ROWS", "ArrayLike", "Chunk", "Design", "GroupSums",

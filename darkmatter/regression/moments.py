@@ -79,10 +79,13 @@ def split_mask(n_rows: int, fit_tokens: int = DEFAULTS.fit_tokens, seed: int = D
 
 class LazyRows:
     """A lazily computed [n_rows, width] array: ``rows[sl]`` calls ``get(sl)`` (a slice, or sorted row ids when
-    ``ids`` is given: then row i of this array is row ``ids[i]`` of the function's domain)."""
+    ``ids`` is given: then row i of this array is row ``ids[i]`` of the function's domain); ``dtype``: what ``get``
+    returns."""
 
-    def __init__(self, n_rows: int, width: int, get: Callable, ids: np.ndarray | None = None):
+    def __init__(self, n_rows: int, width: int, get: Callable, ids: np.ndarray | None = None,
+                 dtype: np.dtype | type = np.float32):
         self.shape = (n_rows if ids is None else len(ids), width)
+        self.ndim, self.dtype = 2, np.dtype(dtype)
         self._get, self._ids = get, ids
 
     def __getitem__(self, sl: slice):
@@ -173,22 +176,25 @@ class TargetMoments:
 
 
 class Chunk:
-    """One chunk of x (rows ``sl``), converted once for every target: ``x32`` float32 [n, d] with its rows reordered
-    by ``order`` (fit rows first; None without a mask) so that split i is the contiguous slice ``splits[i]``;
-    ``xt`` = x − s in float64 and ``xt32`` its float32 rounding (what float32 targets are multiplied with)."""
+    """One chunk of x (rows ``sl``), converted once for every target: ``x`` [n, d] (float64 when x is, else
+    float32) with its rows reordered by ``order`` (fit rows first; None without a mask) so that split i is the
+    contiguous slice ``splits[i]``; ``xt`` = x − s in float64 and ``xt32`` its float32 rounding (what float32
+    targets are multiplied with)."""
 
-    def __init__(self, sl: slice, order: Tensor | None, splits: list[slice], x32: Tensor, xt: Tensor, xt32: Tensor,
+    def __init__(self, sl: slice, order: Tensor | None, splits: list[slice], x: Tensor, xt: Tensor, xt32: Tensor,
                  shift: Tensor):
         self.sl, self.order, self.splits = sl, order, splits
-        self.x32, self.xt, self.xt32, self.shift = x32, xt, xt32, shift
+        self.x, self.xt, self.xt32, self.shift = x, xt, xt32, shift
 
     def reorder(self, rows: Tensor) -> Tensor:
         """Per-row data of this chunk (dim 0 in original row order) in the chunk's order."""
         return rows if self.order is None else rows[self.order]
 
-    def tiles(self, split: int, tile_rows: int = TILE_ROWS) -> Iterator[slice]:
-        """Slices of at most ``tile_rows`` rows covering split ``split`` (in the chunk's order)."""
-        start, stop, _ = self.splits[split].indices(self.x32.shape[0])
+    def tiles(self, split: int, tile_rows: int | None = None) -> Iterator[slice]:
+        """Slices of at most ``tile_rows`` (default :data:`TILE_ROWS`) rows covering split ``split`` (in the
+        chunk's order)."""
+        tile_rows = tile_rows or TILE_ROWS
+        start, stop, _ = self.splits[split].indices(self.x.shape[0])
         for first in range(start, stop, tile_rows):
             yield slice(first, min(first + tile_rows, stop))
 
@@ -204,8 +210,9 @@ def chunks(x: ArrayLike, mask: np.ndarray | None, shift: np.ndarray | None = Non
     if n == 0:
         raise ValueError("x has no rows.")
     size = min(chunk_rows, n)
-    raw_buf, x32_buf, xt32_buf = torch.empty(size, d), torch.empty(size, d), torch.empty(size, d)
-    xt_buf = torch.empty(size, d, dtype=torch.float64)
+    dtype = torch.float64 if x.dtype in (np.float64, torch.float64) else torch.float32  # keep float64 input exact
+    raw_buf, x_buf = torch.empty(size, d, dtype=dtype), torch.empty(size, d, dtype=dtype)
+    xt32_buf, xt_buf = torch.empty(size, d), torch.empty(size, d, dtype=torch.float64)
     s = None if shift is None else torch.from_numpy(np.asarray(shift, dtype=np.float64))
     bar = tqdm(total=n, unit="tok", unit_scale=True, disable=not progress, desc=desc)
     for sl in row_chunks(n, chunk_rows):
@@ -215,17 +222,17 @@ def chunks(x: ArrayLike, mask: np.ndarray | None, shift: np.ndarray | None = Non
             raw.copy_(rows)
         else:
             raw.numpy()[:] = rows  # numpy casts and copies (a memmap slice included) into the reused buffer
-        x32, order, splits = raw, None, [slice(None)]
+        xc, order, splits = raw, None, [slice(None)]
         if mask is not None:
             m = np.asarray(mask[sl])
             order = torch.from_numpy(np.argsort(~m, kind="stable"))  # fit rows first, each split in row order
-            x32, n_fit = torch.index_select(raw, 0, order, out=x32_buf[: raw.shape[0]]), int(m.sum())
+            xc, n_fit = torch.index_select(raw, 0, order, out=x_buf[: raw.shape[0]]), int(m.sum())
             splits = [slice(0, n_fit), slice(n_fit, None)]
         if s is None:
-            s = x32.mean(0, dtype=torch.float64)
-        xt = xt_buf[: x32.shape[0]].copy_(x32).sub_(s)
-        xt32 = xt32_buf[: x32.shape[0]].copy_(xt)
-        yield Chunk(sl, order, splits, x32, xt, xt32, s)
+            s = xc.mean(0, dtype=torch.float64)
+        xt = xt_buf[: xc.shape[0]].copy_(xc).sub_(s)
+        xt32 = xt32_buf[: xc.shape[0]].copy_(xt)
+        yield Chunk(sl, order, splits, xc, xt, xt32, s)
         bar.update(sl.stop - sl.start)
     bar.close()
 
@@ -242,10 +249,10 @@ class XSums:
     def add(self, chunk: Chunk) -> None:
         if self.shift is None:
             self.shift = chunk.shift.numpy()
+            d = chunk.x.shape[1]
             self.n = [0] * len(chunk.splits)
-            self._sum = [torch.zeros(chunk.x32.shape[1], dtype=torch.float64) for _ in chunk.splits]
-            self._gram = [torch.zeros(chunk.x32.shape[1], chunk.x32.shape[1], dtype=torch.float64)
-                          for _ in chunk.splits]
+            self._sum = [torch.zeros(d, dtype=torch.float64) for _ in chunk.splits]
+            self._gram = [torch.zeros(d, d, dtype=torch.float64) for _ in chunk.splits]
         xt = chunk.xt
         for i, rows in enumerate(chunk.splits):
             part = xt[rows]

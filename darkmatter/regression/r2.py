@@ -36,6 +36,9 @@ class R2Scores:
     r2_mean_dims: float
     r2_pooled: float
 
+    def __iter__(self):  # allows ``per_dim, mean_dims, pooled = r2_scores(...)``
+        return iter((self.per_dim, self.r2_mean_dims, self.r2_pooled))
+
 
 def r2_from_ss(ss_res: np.ndarray, ss_tot: np.ndarray, warn: bool = True) -> R2Scores:
     """R² from per-dimension residual and total sums of squares (both [p], float64)."""

@@ -34,7 +34,14 @@ import torch
 from torch import Tensor
 
 from darkmatter.precision import autocast
-from darkmatter.sae.kernels import JumpReLU, Step, batch_topk_select, sparse_encode, sparse_squared_error, topk_select
+from darkmatter.sae.kernels import (
+    JumpReLU,
+    Step,
+    batch_topk_select,
+    sparse_encode,
+    sparse_squared_error,
+    topk_select,
+)
 from darkmatter.sae.objectives import LossSpec, StepOutput, auxk_sse, batch_variance, fired
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 GEMMA_SCOPE_WEIGHTS = "params.npz"
-SAELENS_PREFIX = "sae_lens:"  # load_any("sae_lens:<release>:<sae_id>") loads a pretrained SAELens SAE
+SAELENS_PREFIX = "sae_lens:"  # load_sae("sae_lens:<release>:<sae_id>") loads a pretrained SAELens SAE
 
 
 
@@ -311,8 +311,8 @@ def detect_format(path: str | Path) -> str | None:
 _LOADERS = {"gemma_scope": load_gemma_scope, "sparsify": load_sparsify, "saelens": load_saelens}
 
 
-def load_any(path: str | Path) -> Sae:
-    """Load an SAE in any supported format, detected from what ``path`` holds.
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> Sae:
+    """Load an SAE in any supported format, detected from what ``path`` holds (float32 weights, on ``device``).
 
     ``path`` is a Gemma Scope ``params.npz`` (or its folder), a sparsify hookpoint folder, a SAELens or
     darkmatter folder, or ``"sae_lens:<release>:<sae_id>"`` for a pretrained SAELens SAE.
@@ -322,7 +322,7 @@ def load_any(path: str | Path) -> Sae:
         release, sep, sae_id = text[len(SAELENS_PREFIX):].partition(":")
         if not (release and sep and sae_id):
             raise SaeFormatError(f"{text!r}: expected 'sae_lens:<release>:<sae_id>'.")
-        return load_saelens_pretrained(release, sae_id)
+        return load_saelens_pretrained(release, sae_id).to(device)
     path = Path(path)
     if not path.exists():
         raise SaeFormatError(f"{path} does not exist.")
@@ -332,7 +332,7 @@ def load_any(path: str | Path) -> Sae:
                              "sparsify folder (cfg.json + sae.safetensors) or a SAELens/darkmatter folder "
                              "(cfg.json + sae_weights.safetensors).")
     log.info("loading %s SAE from %s", fmt, path)
-    return _LOADERS[fmt](path)
+    return _LOADERS[fmt](path).to(device)
 
 
 def find_saes(root: str | Path) -> list[Path]:

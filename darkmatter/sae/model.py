@@ -210,23 +210,12 @@ def save_sae(sae: Sae, folder: str | Path) -> None:
         write_sae_files(sae, tmp)
 
 
-def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> Sae:
-    """Load an SAE saved by :func:`save_sae` or by SAELens (cfg.json + sae_weights.safetensors)."""
+def read_sae(folder: str | Path, device: str | torch.device = "cpu") -> Sae:
+    """Read an SAE written by :func:`save_sae` exactly as saved (cfg and dtypes intact); for SAEs written by other
+    libraries, or in other formats, use :func:`darkmatter.sae.formats.load_sae`."""
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} does not exist; expected an SAE folder with {CFG_FILE} and {WEIGHTS_FILE}.")
-    cfg = read_json(cfg_path)
-    if "architecture" not in cfg and cfg.get("activation_fn_str", cfg.get("activation_fn")) in ("topk", "relu"):
-        # pre-6.0 SAELens configs name the activation instead of the architecture
-        act = cfg.get("activation_fn_str", cfg.get("activation_fn"))
-        cfg["architecture"] = act
-        if act == "topk":
-            cfg["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k")
-    tensors = load_file(str(weights_path), device=str(device))
-    if "log_threshold" in tensors and "threshold" not in tensors:
-        tensors["threshold"] = tensors.pop("log_threshold").exp()
-    if "dtype" not in cfg or cfg["dtype"] not in DTYPES:
-        cfg["dtype"] = next(k for k, v in DTYPES.items() if v == tensors["W_dec"].dtype)
-    return Sae.from_tensors(cfg, tensors).to(device)
+    return Sae.from_tensors(read_json(cfg_path), load_file(str(weights_path), device=str(device))).to(device)

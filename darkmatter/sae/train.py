@@ -50,13 +50,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from darkmatter.sae.batches import ShuffledBatches, derived_seed
 from darkmatter.config import SaeTrainingConfig, stable_hash, to_dict
-from darkmatter.sae.families import SaeSpec
 from darkmatter.io import atomic_dir, read_json, write_json
-from darkmatter.sae.objectives import LossSpec, StepOutput
 from darkmatter.precision import resolve_precision
+from darkmatter.sae.batches import ShuffledBatches, derived_seed
+from darkmatter.sae.families import SaeSpec
 from darkmatter.sae.model import Sae, default_cfg, fold
+from darkmatter.sae.objectives import LossSpec, StepOutput
 
 log = logging.getLogger(__name__)
 

@@ -77,9 +77,10 @@ def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
 
 
 def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFamilyConfig], primary_hook: str,
-                              out: Path | None = None) -> Path:
+                              out: Path | None = None, tokenizer=None) -> Path:
     """The ``build_database`` step: gather an experiment's tokens, SAE metrics, per-token errors and spliced CE
-    (each where :class:`~darkmatter.paths.ExperimentPaths` puts it) into ``out`` (default: ``paths.database``)."""
+    (each where :class:`~darkmatter.paths.ExperimentPaths` puts it) into ``out`` (default: ``paths.database``).
+    ``tokenizer`` (anything with ``decode([id])``) names the tokens; default: the experiment's model's."""
     import polars as pl
 
     from darkmatter.data.activations import ActivationStore
@@ -90,7 +91,7 @@ def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFami
     from darkmatter.store.tables import saes_table, tokens_table
 
     members = expand_families(families, primary_hook)
-    tokenizer = load_tokenizer(read_json(paths.model_json)["path"])
+    tokenizer = tokenizer or load_tokenizer(read_json(paths.model_json)["path"])
     tokens = tokens_table(ActivationStore(paths.activations("eval")), paths.contexts("eval"), tokenizer)
     ce_summary, token_ce = (paths.ce / "summary.parquet", paths.ce / "token_ce.parquet")
     saes = saes_table(members, [paths.sae_errors(m.hook, m.sae_id) / METRICS for m in members],

@@ -18,12 +18,11 @@ rule run_analysis:
     params:
         py=PY,
         analysis=lambda wildcards: step_params(EXP, "run-analysis", wildcards.name),
-        results=str(P.root),
     threads: 1
     conda:
         "../envs/darkmatter.yaml"
     log:
         str(P.log("analyses", "{name}")),
     shell:
-        "{params.py:q} -m analyses.{wildcards.name} --threads {threads} --results {params.results:q} "
-        "--params {params.analysis:q} --out {output:q} > {log:q} 2>&1"
+        "{params.py:q} -m analyses.{wildcards.name} --threads {threads} --db {input.db:q} --params {params.analysis:q} "
+        "--out {output:q} > {log:q} 2>&1"

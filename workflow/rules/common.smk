@@ -2,13 +2,16 @@
 # interpreter, the SAEs to train, and wildcard patterns. Each rule passes its step's config slice
 # (darkmatter.config.steps) so that it reruns only when a value it reads changes.
 import sys
+from pathlib import Path
 
 from darkmatter.config import step_params
 from darkmatter.paths import ExperimentPaths
 from darkmatter.sae.families import expand_families
 
 P = ExperimentPaths.of(EXP.name)
-PY = sys.executable
+# the environment's interpreter by one stable name (`snakemake` runs as python3, `python -m snakemake` as python):
+# it is a parameter of every rule, and must not differ between two ways of starting the same workflow
+PY = str(Path(sys.prefix) / "bin" / "python3")
 MEMBERS = expand_families(EXP.families, EXP.primary_hook)  # unique SAEs to train, in config order
 HOOKS = list(dict.fromkeys(m.hook for m in MEMBERS))  # hooks that have SAEs
 

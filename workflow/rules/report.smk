@@ -15,11 +15,10 @@ rule render_report:
         py=PY,
         config=step_params(EXP, "render-report"),
         analyses=REPORT_ANALYSES,
-        results=str(P.root),
     conda:
         "../envs/darkmatter.yaml"
     log:
         str(P.log("render_report")),
     shell:
-        "{params.py:q} -m darkmatter.cli render-report --params {params.config:q} --results {params.results:q} "
+        "{params.py:q} -m darkmatter.cli render-report --params {params.config:q} --db {input.db:q} "
         "--analyses {params.analyses:q} --out {output.index:q} > {log:q} 2>&1"

@@ -13,11 +13,9 @@ rule build_database:
     params:
         py=PY,
         store=step_params(EXP, "build-database"),
-        results=str(P.root),
     conda:
         "../envs/darkmatter.yaml"
     log:
         str(P.log("build_database")),
     shell:
-        "{params.py:q} -m darkmatter.cli build-database --params {params.store:q} --results {params.results:q} "
-        "--out {output:q} > {log:q} 2>&1"
+        "{params.py:q} -m darkmatter.cli build-database --params {params.store:q} --out {output:q} > {log:q} 2>&1"

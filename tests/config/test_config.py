@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from darkmatter.config import ConfigError, ExperimentConfig, load_config, to_dict
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_default_yaml_equals_dataclass_defaults():
@@ -38,7 +38,11 @@ def _bad(tmp_path, data: dict) -> str:
         ({"bogus": 1}, "bogus", "unknown key"),
         ({"harvest": {"min_pos": "200"}}, "harvest.min_pos", "an integer"),
         ({"harvest": {"precision": "fp16"}}, "harvest.precision", "one of 'auto', 'float32', 'bfloat16'"),
-        ({"harvest": {"autocast_bf16": True}}, "harvest.autocast_bf16", "replaced by 'harvest.precision'"),
+        ({"harvest": {"autocast_bf16": True}}, "harvest.autocast_bf16", "replaced by harvest.precision"),
+        ({"analysis": {"ce_contexts": 4}}, "analysis.ce_contexts", "replaced by downstream.contexts"),
+        ({"analysis": {"probe_mechanism": {"tokens": 1}}}, "analysis.probe_mechanism.tokens", ">= 2"),
+        ({"families": [{"name": "g", "architecture": "gated"}]}, "families[0].architecture", "one of topk"),
+        ({"downstream": {"contexts": 301}}, "downstream.contexts", "between 1 and harvest.eval_contexts"),
         ({"harvest": {"hooks": "blocks.1.hook_resid_post"}}, "harvest.hooks", "a list"),
         ({"model": {"source": "cloud"}}, "model.source", "one of"),
         ({"harvest": {"hooks": ["blocks.30.hook_resid_post"]}}, "harvest.hooks[0]", "below the model's 30 blocks"),

@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from darkmatter.store.schema import TABLES, markdown
 from darkmatter.store.build import StoreError, build_database, connect
+from darkmatter.store.schema import TABLES, markdown
 
 
 def _frames(tmp_path, n_rows=50, sae_ids=("topk-w64-k4-s0", "topk-w128-k4-s0")):

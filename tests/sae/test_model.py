@@ -8,24 +8,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from darkmatter.sae.model import ARCHITECTURES, Sae, default_cfg, fold, load_sae, save_sae
+from darkmatter.sae.architectures import ARCHITECTURES
+from darkmatter.sae.formats import load_sae
+from darkmatter.sae.model import Sae, default_cfg, fold, read_sae, save_sae
+from tests import helpers
 
 D_IN, D_SAE, K = 12, 40, 5
 
 
 def random_sae(arch: str, seed: int = 0, unit_decoder: bool = False) -> Sae:
-    gen = torch.Generator().manual_seed(seed)
-    sae = Sae(default_cfg(arch, D_IN, D_SAE, K if arch in ("topk", "batchtopk") else None,
-                          hook_name="blocks.1.hook_resid_post", metadata={"sae_id": f"{arch}-w{D_SAE}-k{K}-s0"}))
-    with torch.no_grad():
-        for name, t in sae.tensors().items():
-            value = torch.randn(t.shape, generator=gen)
-            if name == "threshold":
-                value = value.abs() * 0.5
-            getattr(sae, name).copy_(value)
-        if unit_decoder:
-            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
-    return sae
+    return helpers.random_sae(arch, D_IN, D_SAE, K, seed=seed, unit_decoder=unit_decoder)
 
 
 def test_encode_rejects_wrong_d_in_naming_both_sizes():
@@ -72,7 +64,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, arch):
     sae = random_sae(arch)
     save_sae(sae, tmp_path / "sae")
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
-    loaded = load_sae(tmp_path / "sae")
+    loaded = read_sae(tmp_path / "sae")
     assert loaded.architecture == arch and loaded.cfg == sae.cfg
     original = sae.tensors()
     assert set(loaded.tensors()) == set(original)
@@ -93,7 +85,7 @@ def test_folded_sae_on_raw_inputs_reproduces_the_scaled_one(tmp_path, arch):
     s = 37.5
     sae = random_sae(arch, unit_decoder=arch in ("topk", "batchtopk"))
     save_sae(fold(sae, input_scale=s), tmp_path / "folded")
-    loaded = load_sae(tmp_path / "folded")
+    loaded = read_sae(tmp_path / "folded")
     x = torch.randn(100, D_IN) * s + 3 * s
     with torch.no_grad():
         expected = s * sae(x / s).x_hat
@@ -129,4 +121,4 @@ def test_from_tensors_and_load_report_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"lack \['threshold'\]"):
         Sae.from_tensors(default_cfg("jumprelu", D_IN, D_SAE), random_sae("topk").tensors())
     with pytest.raises(FileNotFoundError, match="cfg.json"):
-        load_sae(tmp_path / "nowhere")
+        read_sae(tmp_path / "nowhere")

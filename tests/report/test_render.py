@@ -19,12 +19,16 @@ import yaml
 from darkmatter.analysis.contract import AnalysisContext, load_outputs, run
 from darkmatter.cli import main as cli_main
 from darkmatter.config import load_config, stable_hash
-from darkmatter.report.render import render_report
+from darkmatter.paths import ExperimentPaths
 from darkmatter.report.browser import BrowserLimits, quantise, sample_contexts
+from darkmatter.report.render import render_report
 from darkmatter.report.tables import fmt
 from darkmatter.store.build import connect
-from tests.conftest import REPO
-from tests.report_fixtures import ANALYSES, SAE_IDS, Experiment, fake_analysis_module, make_experiment
+from tests.helpers import REPO, fake_analysis_module
+from tests.helpers import REPORT_ANALYSES as ANALYSES
+from tests.helpers import REPORT_SAE_IDS as SAE_IDS
+from tests.helpers import ReportExperiment as Experiment
+from tests.helpers import make_report_experiment as make_experiment
 
 
 class Page(HTMLParser):
@@ -64,7 +68,7 @@ class Page(HTMLParser):
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> Experiment:
     exp = make_experiment(tmp_path_factory.mktemp("report"))
-    render_report(exp.results, exp.db, exp.analyses, exp.config, exp.out)
+    render_report(exp.paths, exp.analyses, exp.config)
     return exp
 
 
@@ -81,7 +85,7 @@ def test_report_has_every_section_figure_and_number(experiment):
     assert sections == ["summary", *[f"analysis-{n}" for n in ANALYSES], "saes", "browser"]  # config order
     assert page.find("footer", id="provenance")
     for name in ANALYSES[:2]:
-        outputs = load_outputs(experiment.results / "analyses" / name)
+        outputs = load_outputs(experiment.paths.root / "analyses" / name)
         body = page.text[f"analysis-{name}"]
         assert outputs["meta"]["question"] in body and outputs["meta"]["paper_claim"] in body
         for key, value in outputs["summary"].items():
@@ -123,17 +127,17 @@ def test_report_loads_nothing_from_the_network(experiment):
 def test_headline_keys_missing_from_the_summary_are_left_out(tmp_path):
     module = fake_analysis_module("degraded", "Q?\n\nM.", "claim", lambda ctx: pl.DataFrame({"a": [1]}),
                                   lambda t: {"a": 1.0, "b": 2.0}, lambda t: {}, headline=("b", "c", "a"))
-    run(module, AnalysisContext(tmp_path / "db", {"results": str(tmp_path)}), tmp_path / "out")
+    run(module, AnalysisContext(ExperimentPaths.at(tmp_path), {}), tmp_path / "out")
     assert load_outputs(tmp_path / "out")["meta"]["headline"] == ["b", "a"]
 
 
 def test_missing_analyses_show_not_run(experiment, tmp_path):
-    broken = experiment.results / "analyses" / "half_written"
+    broken = experiment.paths.root / "analyses" / "half_written"
     broken.mkdir(exist_ok=True)
     (broken / "summary.json").write_text("{}")
     out = tmp_path / "index.html"
-    render_report(experiment.results, experiment.db, ["pursuit", "half_written", "error_predictability"],
-                  experiment.config, out)
+    render_report(experiment.paths, ["pursuit", "half_written", "error_predictability"], experiment.config,
+                  out=out)
     page = Page(out.read_text())
     assert [a["data-status"] for a in page.find("section", **{"class": "analysis not-run"})] == ["not run"] * 2
     assert "no output folder" in page.text["analysis-pursuit"]
@@ -143,7 +147,7 @@ def test_missing_analyses_show_not_run(experiment, tmp_path):
 
 def test_missing_database_still_renders(experiment, tmp_path):
     out = tmp_path / "index.html"
-    render_report(experiment.results, tmp_path / "missing.duckdb", [], experiment.config, out)
+    render_report(ExperimentPaths.at(tmp_path / "results" / "nothing"), [], experiment.config, out=out)
     page = Page(out.read_text())
     assert "does not exist yet" in page.text["saes"] and not (tmp_path / "browser.html").exists()
     assert "No analyses are configured" in page.text["summary"]
@@ -158,7 +162,7 @@ def test_interrupted_write_leaves_the_old_report(experiment, tmp_path, monkeypat
 
     monkeypatch.setattr("darkmatter.report.render.os.replace", interrupted)
     with pytest.raises(OSError, match="disk full"):
-        render_report(experiment.results, experiment.db, [], experiment.config, out)
+        render_report(experiment.paths, [], experiment.config, out=out)
     assert out.read_text() == "old" and not (tmp_path / "browser.html").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["index.html"]  # no temporary file left behind
 
@@ -166,7 +170,7 @@ def test_interrupted_write_leaves_the_old_report(experiment, tmp_path, monkeypat
 def test_browser_data_respects_limits_and_matches_the_store(experiment, tmp_path):
     limits = BrowserLimits(max_contexts=5, top_k=7, contexts_per_page=2, digits=3)
     out = tmp_path / "index.html"
-    render_report(experiment.results, experiment.db, [], experiment.config, out, limits)
+    render_report(experiment.paths, [], experiment.config, limits, out=out)
     data = embedded_data((tmp_path / "browser.html").read_text())
     assert data["limits"] == {"max_contexts": 5, "top_k": 7, "contexts_per_page": 2, "digits": 3}
     assert [c["id"] for c in data["contexts"]] == [0, 3, 6, 8, 11]  # evenly spaced, first and last kept
@@ -235,7 +239,7 @@ def test_snakemake_rule_and_snakemake_report(tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     # Whatever analyses the config lists: an empty folder each (the report shows them as not run).
     for a in load_config(data=cfg).analysis.names:
-        (exp.results / "analyses" / a).mkdir(parents=True, exist_ok=True)
+        (exp.paths.root / "analyses" / a).mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "snakemake", "--cores", "1", "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(tmp_path), "--configfile", str(tmp_path / "cfg.yaml"),
             "--allowed-rules", "render_report"]
@@ -246,4 +250,4 @@ def test_snakemake_rule_and_snakemake_report(tmp_path):
     assert (tmp_path / "reports" / "synthetic" / "browser.html").is_file()
     names = zipfile.ZipFile(tmp_path / "report.zip").namelist()
     assert any(n.endswith("/index.html") for n in names) and any(n.endswith("/browser.html") for n in names)
-    assert (exp.results / "logs" / "render_report.log").is_file()
+    assert (exp.paths.root / "logs" / "render_report.log").is_file()

@@ -14,27 +14,20 @@ from darkmatter.sae.kernels import (
     topk_rows,
     topk_select,
 )
+from darkmatter.sae.model import Sae
 from darkmatter.sae.objectives import auxk_sse
-from darkmatter.sae.model import Sae, default_cfg
+from tests.helpers import random_sae
 
 N, D_IN, D_SAE, K = 48, 16, 96, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tensors here are tiny: a second thread only adds synchronisation (and waits, on a shared machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_sae(dtype: torch.dtype, seed: int = 0) -> tuple[Sae, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    sae = Sae(default_cfg("topk", D_IN, D_SAE, K) | {"dtype": "float64" if dtype == torch.float64 else "float32"})
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+def sae_and_batch(dtype: torch.dtype, seed: int = 0) -> tuple[Sae, torch.Tensor]:
+    """A random TopK SAE in ``dtype`` and a batch x [N, d_in] of the same dtype."""
+    sae = random_sae("topk", D_IN, D_SAE, K, seed=seed, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
     return sae, torch.randn(N, D_IN, generator=gen, dtype=torch.float64).to(dtype)
 
 
@@ -97,7 +90,7 @@ def test_sparse_kernels_equal_dense_autograd_in_float64(case):
     # float64: the two computations sum the same terms in different orders, so they agree to ~1e-15
     # relative; 1e-10 leaves room for that and fails on any missing or extra gradient term.
     select, aux, masks = CASES[case]
-    sae, x = random_sae(torch.float64)
+    sae, x = sae_and_batch(torch.float64)
     x.requires_grad_(True)  # training never needs ∂x, but the kernels provide it
     fast = fast_loss(sae, x, select, aux)
     g_fast = grads(sae, fast) | {"x": x.grad.clone()}
@@ -114,7 +107,7 @@ def test_sparse_kernels_equal_dense_autograd_in_float32():
     # float32 (what training runs): each gradient entry sums ≤ N·K = 192 products; with unit eps 6e-8 the
     # rounding difference stays below ~1e-5 of the largest entry. 1e-4 is tight enough to catch a wrong term.
     select, aux, masks = CASES["topk+auxk"]
-    sae, x = random_sae(torch.float32)
+    sae, x = sae_and_batch(torch.float32)
     g_fast = grads(sae, fast_loss(sae, x, select, aux))
     g_dense = grads(sae, dense_loss(sae, x, masks))
     for name, g in g_dense.items():
@@ -125,7 +118,7 @@ def test_bf16_mode_changes_loss_and_gradients_only_by_rounding():
     # bf16 keeps 8 mantissa bits: pre-activations and the encoder-gradient inputs move by ~2^-9 relative, the
     # loss and gradients by about as much; 2% (loss) and 5% (gradient norm) allow a tie-broken top-k swap or
     # two. They must not be identical either (bf16 really ran).
-    sae, x = random_sae(torch.float32)
+    sae, x = sae_and_batch(torch.float32)
     select, aux, _ = CASES["topk+auxk"]
     exact = fast_loss(sae, x, select, aux)
     g_exact = grads(sae, exact)
@@ -179,7 +172,7 @@ def test_jumprelu_and_step_straight_through_gradients():
 def test_encoder_weight_gradient_comes_in_the_weights_own_layout():
     # Sae.W_enc is a view of the contiguous W_enc_T (no transposing copy); a plain contiguous [d_in, d_sae]
     # weight gets a contiguous gradient. Both must hold the same numbers.
-    sae, x = random_sae(torch.float32)
+    sae, x = sae_and_batch(torch.float32)
     select = CASES["topk"][0]
     W_plain = sae.W_enc.detach().contiguous().requires_grad_(True)
     out = {}

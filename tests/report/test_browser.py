@@ -16,15 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from darkmatter.report.render import render_report
 from darkmatter.report.browser import BrowserLimits
+from darkmatter.report.render import render_report
 from tests.chromium import INSTALL_HINT, Chromium, find_chromium
-from tests.conftest import REPO
-from tests.report_fixtures import ANALYSES, SAE_IDS, Experiment, make_experiment
+from tests.helpers import REPO
+from tests.helpers import REPORT_ANALYSES as ANALYSES
+from tests.helpers import REPORT_SAE_IDS as SAE_IDS
+from tests.helpers import ReportExperiment as Experiment
+from tests.helpers import make_report_experiment as make_experiment
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 # Every token span's background, and its text (the planted peaks: numbers for the total, capitals for the
-# nonlinear error; see tests/report_fixtures.py).
+# nonlinear error; see tests/helpers.py).
 SPANS_JS = """[...document.querySelectorAll('#contexts span[data-t]')].map(s =>
     [s.textContent, getComputedStyle(s).backgroundColor])"""
 
@@ -43,7 +46,7 @@ def chromium_binary() -> str:
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> Experiment:
     exp = make_experiment(tmp_path_factory.mktemp("browser"))
-    render_report(exp.results, exp.db, exp.analyses, exp.config, exp.out)
+    render_report(exp.paths, exp.analyses, exp.config)
     return exp
 
 
@@ -111,7 +114,7 @@ def test_index_page_in_chromium(browser, rendered):
     assert_clean(browser)
     save_screenshot(browser, rendered, "index.png", full_page=True)
     save_metrics("report_metrics.json", {
-        "fixture": "tests/report_fixtures.py: 12 contexts x 60 tokens, 3 SAEs, 3 analyses (1 not run)",
+        "fixture": "tests/helpers.py: 12 contexts x 60 tokens, 3 SAEs, 3 analyses (1 not run)",
         "index_bytes": rendered.out.stat().st_size,
         "browser_bytes": (rendered.out.parent / "browser.html").stat().st_size,
         "index_load_seconds_wall": round(seconds, 3),
@@ -180,7 +183,7 @@ def test_browser_page_switches_views_and_reveals_worst_tokens(browser, rendered)
 def test_browser_page_with_an_empty_store(browser, tmp_path):
     """A store with tokens but no SAE yet: the contexts show unshaded, without a JavaScript error."""
     exp = make_experiment(tmp_path, sae_ids=(), analyses=False)
-    render_report(exp.results, exp.db, [], exp.config, exp.out)
+    render_report(exp.paths, [], exp.config)
     browser.open((exp.out.parent / "browser.html").as_uri())
     assert browser.js("document.querySelectorAll('#contexts span[data-t]').length") == 5 * 60
     assert browser.js("document.getElementById('info').textContent") == "The store has no SAEs yet."
@@ -193,7 +196,7 @@ def test_default_sized_browser_stays_responsive(browser, tmp_path):
     sae_ids = tuple(f"topk-w{64 * 2**i}-k4-s0" for i in range(11))
     exp = make_experiment(tmp_path, n_contexts=300, n_positions=824, name="default-sized", sae_ids=sae_ids,
                           analyses=False)
-    render_report(exp.results, exp.db, [], exp.config, exp.out)
+    render_report(exp.paths, [], exp.config)
     page = exp.out.parent / "browser.html"
     seconds = browser.open(page.as_uri())
     render_ms = browser.js("darkmatterBrowser.renderMs")

@@ -10,31 +10,15 @@ import polars as pl
 import pytest
 import torch
 
-from darkmatter.sae.batches import CHUNK_ROWS, ShuffledBatches
 from darkmatter.config import ConfigError, ExperimentConfig, SaeFamilyConfig, SaeTrainingConfig, load_config
+from darkmatter.sae.architectures import ARCHITECTURES
+from darkmatter.sae.batches import CHUNK_ROWS, ShuffledBatches
 from darkmatter.sae.families import SaeSpec, expand_families, parse_sae_id, sae_id
-from darkmatter.sae.model import ARCHITECTURES, load_sae
+from darkmatter.sae.model import read_sae
 from darkmatter.sae.train import Trainer, geometric_median, lr_at
+from tests.helpers import planted_atoms, write_activation_store
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny problems: a second thread only adds synchronisation (and waits, on a shared machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def planted(n_rows: int = 100_000, d: int = 32, n_atoms: int = 48, active: int = 3, seed: int = 0,
-            dtype=np.float32) -> tuple[np.ndarray, torch.Tensor]:
-    """x = Σ_{3 random atoms} c·atom + offset + small noise, c ~ U(0.5, 2.5), unit atoms; scaled ×7 (raw scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    atoms = torch.nn.functional.normalize(torch.randn(n_atoms, d, generator=gen), dim=1)
-    idx = torch.rand(n_rows, n_atoms, generator=gen).argsort(1)[:, :active]
-    codes = torch.zeros(n_rows, n_atoms).scatter_(1, idx, torch.rand(n_rows, active, generator=gen) * 2 + 0.5)
-    x = codes @ atoms + 3.0 + 0.01 * torch.randn(n_rows, d, generator=gen)
-    return (x * 7).numpy().astype(dtype), atoms
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Per architecture: (target L0 k, training tokens, minimum mean max-cosine, allowed mean L0 band).
@@ -52,7 +36,7 @@ RECOVERY = {
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_planted_dictionary_is_recovered(arch):
     k, tokens, min_cos, (l0_lo, l0_hi) = RECOVERY[arch]
-    data, atoms = planted()
+    data, atoms = planted_atoms()
     cfg = SaeTrainingConfig(tokens=tokens, batch_size=1024, warmup_steps=10, buffer_tokens=16_384,
                             dead_tokens=20_000, log_every=10, precision="float32")
     result = Trainer(data, SaeSpec(arch, 64, k, 0), cfg).run(progress=False)
@@ -72,7 +56,7 @@ def test_planted_dictionary_is_recovered(arch):
 
 def small_run(arch: str = "topk", seed: int = 0, **overrides) -> tuple[np.ndarray, SaeSpec, SaeTrainingConfig]:
     """24 steps of 256 tokens; 96 latents for 24 atoms with dead_tokens = one batch, so AuxK has dead latents."""
-    data, _ = planted(n_rows=6000, d=16, n_atoms=24, seed=1)
+    data, _ = planted_atoms(n_rows=6000, d=16, n_atoms=24, seed=1)
     cfg = SaeTrainingConfig(tokens=256 * 24, batch_size=256, warmup_steps=3, buffer_tokens=2048,
                             dead_tokens=256, log_every=2, checkpoint_every=4, precision="float32")
     return data, SaeSpec(arch, 96, 3, seed), dataclasses.replace(cfg, **overrides)
@@ -188,13 +172,13 @@ def test_sae_ids_round_trip_and_bad_ids_are_rejected():
 
 
 def test_default_families_expand_to_unique_members():
-    members = expand_families(ExperimentConfig())
+    default = ExperimentConfig()
+    members = expand_families(default.families, default.primary_hook)
     ids = [m.sae_id for m in members]
     assert len(ids) == len(set(ids)) == 9  # 5 widths + 5 ks, the 4096-wide k=32 SAE shared
     shared = next(m for m in members if m.sae_id == "topk-w4096-k32-s0")
     assert shared.families == ("width", "k") and shared.path == "blocks.15.hook_resid_post/topk-w4096-k32-s0"
-    external = ExperimentConfig(families=(SaeFamilyConfig(name="gemma", source="/somewhere"),))
-    assert expand_families(external) == []
+    assert expand_families([SaeFamilyConfig(name="gemma", source="/somewhere")], default.primary_hook) == []
 
 
 def test_topk_without_decoder_normalisation_is_a_config_error():
@@ -208,13 +192,9 @@ def test_cli_train_sae_writes_a_loadable_sae_folder(tmp_path):
     from darkmatter.cli import main
     from darkmatter.config import to_dict
 
-    data, _ = planted(n_rows=3000, d=16, n_atoms=24)
-    store = tmp_path / "train"
-    store.mkdir()
-    np.save(store / "blocks.0.hook_resid_post.npy", data)
-    (store / "meta.json").write_text(json.dumps({"hooks": ["blocks.0.hook_resid_post"], "rows": len(data),
-                                                 "d_model": {"blocks.0.hook_resid_post": 16},
-                                                 "context_size": 64, "min_pos": 1}))
+    data, _ = planted_atoms(n_rows=3000, d=16, n_atoms=24)
+    store = write_activation_store(tmp_path / "train", data, np.arange(len(data)) // 60, min_pos=1,
+                                   hook="blocks.0.hook_resid_post")
     (tmp_path / "model.json").write_text(json.dumps({"name": "tiny"}))
     cfg = SaeTrainingConfig(tokens=2048, batch_size=256, buffer_tokens=1024, log_every=4, precision="float32")
     out = tmp_path / "saes" / "topk-w32-k4-s0"
@@ -223,7 +203,7 @@ def test_cli_train_sae_writes_a_loadable_sae_folder(tmp_path):
           "--sae-id", "topk-w32-k4-s0", "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "provenance.json", "sae_weights.safetensors",
                                                      "train_log.parquet"]
-    sae = load_sae(out)
+    sae = read_sae(out)
     assert (sae.architecture, sae.d_in, sae.d_sae, sae.k) == ("topk", 16, 32, 4)
     assert sae.cfg["hook_name"] == "blocks.0.hook_resid_post" and sae.cfg["metadata"]["model_name"] == "tiny"
     assert sae.cfg["metadata"]["sae_id"] == "topk-w32-k4-s0" and sae.cfg["metadata"]["training_tokens"] == 2048

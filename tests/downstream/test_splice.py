@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from darkmatter.downstream import splice
 from darkmatter.data.harvest import capture
-from darkmatter.downstream.splice import ce_loss_score, mean_ablation, percent_recovered, splice_losses, zero_ablation
+from darkmatter.downstream import splice
+from darkmatter.downstream.splice import (
+    ce_loss_score,
+    mean_ablation,
+    percent_recovered,
+    splice_losses,
+    zero_ablation,
+)
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.0.hook_attn_out"]
 

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from darkmatter.data.harvest import capture
 from darkmatter.config import ConfigError
+from darkmatter.data.harvest import capture
 from darkmatter.data.models import (
     ModelError,
     cache_dir,

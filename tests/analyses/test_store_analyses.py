@@ -8,21 +8,21 @@ planted ground truth: the scaling law's (a, c, m), R² = 1 for proportional erro
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import polars as pl
 import pytest
 
-from darkmatter.analysis.contract import AnalysisContext, load_outputs, run
-from darkmatter.regression.solve import split_mask
-from darkmatter.store.schema import TABLES
+from darkmatter.analysis import AnalysisContext, load_outputs, run
+from darkmatter.paths import ExperimentPaths
+from darkmatter.regression import split_mask
 from darkmatter.store.build import build_database
+from darkmatter.store.schema import TABLES
 
+HOOK = "blocks.1.hook_resid_post"
 MODULES = ("scaling_decomposition", "width_k_contours", "per_token_scaling", "norm_baselines", "ce_contributions")
 WIDTHS, K_OF_WIDTHS = (256, 512, 1024, 2048, 4096), 16
 KS, WIDTH_OF_KS = (4, 8, 16, 32, 64), 1024
@@ -47,7 +47,7 @@ def _sae_rows(widths=WIDTHS) -> list[dict]:
         fvu *= (k / K_OF_WIDTHS) ** -0.25
         nl = NL + 2e-4 * (-1) ** len(rows)
         rows.append({c.name: None for c in TABLES["saes"]} | {
-            "sae_id": f"topk-w{w}-k{k}-s0", "hook": "blocks.1.hook_resid_post", "families": ",".join(fams),
+            "sae_id": f"topk-w{w}-k{k}-s0", "hook": HOOK, "families": ",".join(fams),
             "architecture": "topk", "width": w, "k": k, "seed": 0, "fvu": fvu, "fvu_nonlinear": nl,
             "fvu_linear": fvu - nl, "r2_norm_sq": 0.95 - 0.01 * len(rows), "r2_vector_mean_dims": 0.5 + 0.01 * len(rows),
             "r2_vector_pooled": 0.55, "l0_mean": float(k)})
@@ -111,32 +111,19 @@ def make_store(root: Path, norms: Callable | None = None, widths=WIDTHS, with_ce
         path = root / f"{sae['sae_id']}.parquet"
         shard.select([c.name for c in TABLES["token_errors"]]).write_parquet(path)
         shards.append(path)
-    db = root / "darkmatter.duckdb"
-    token_ce = _token_ce(saes, rng) if with_ce else None
-    if "token_ce" in inspect.signature(build_database).parameters:
-        build_database(db, tokens, pl.DataFrame(saes), shards, token_ce=token_ce)
-    else:  # a store builder without the CE table: add it the way the builder would
-        build_database(db, tokens, pl.DataFrame(saes), shards)
-        if token_ce is not None:
-            with duckdb.connect(str(db)) as con:
-                con.register("ce_frame", token_ce.to_arrow())
-                con.execute("CREATE TABLE token_ce AS SELECT * FROM ce_frame")
+    paths = ExperimentPaths.at(root)
+    build_database(paths.database, tokens, pl.DataFrame(saes), shards,
+                   token_ce=_token_ce(saes, rng) if with_ce else None)
     families = [{"name": "width", "architecture": "topk", "widths": list(widths), "ks": [K_OF_WIDTHS]},
                 {"name": "k", "architecture": "topk", "widths": [WIDTH_OF_KS], "ks": list(KS)}]
-    return AnalysisContext(db, {"results": str(root), "seed": 0, "bootstrap": 40, "confidence": 0.9,
-                                "families": families, "decomposition": {"fit_tokens": n * 5 // 8, "seed": 0}})
+    return AnalysisContext(paths, {"seed": 0, "analysis": {"bootstrap": 40, "confidence": 0.9},
+                                   "families": families, "harvest": {"hooks": [HOOK], "min_pos": MIN_POS},
+                                   "decomposition": {"fit_tokens": n * 5 // 8, "seed": 0}})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The regressions here have 1–4 columns: on a loaded 2-core machine torch's intra-op thread pool only adds
-    waiting (measured 60× slower per tiny moment update with 2 threads than with 1)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The regressions here have 1–4 columns: on a loaded 2-core machine torch's intra-op thread pool only adds waiting
+# (measured 60× slower per tiny moment update with 2 threads than with 1).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(name: str, ctx: AnalysisContext, out: Path) -> dict:
@@ -299,10 +286,10 @@ def test_ce_contributions_without_spliced_ce(tmp_path):
 
 
 def test_on_a_store_built_by_the_pipeline_steps(tmp_path):
-    """On the shared fixture made by the real measure/evaluate/build steps (tests/analysis_fixtures.py), whose TopK
-    SAEs are nested (width w decodes the w most frequent planted features): each SAE's per-token error is best
-    predicted by its neighbour's, and the other modules read the real store's types without trouble."""
-    from tests.analysis_fixtures import make_experiment
+    """On the shared fixture made by the real encode/measure/build steps (tests/helpers.py), whose TopK SAEs are
+    nested (width w decodes the w most frequent planted features): each SAE's per-token error is best predicted by
+    its neighbour's, and the other modules read the real store's types without trouble."""
+    from tests.helpers import make_experiment
 
     exp = make_experiment(tmp_path / "exp", n_contexts=12, n_positions=60)
     s = exp.run("per_token_scaling", tmp_path / "per_token_scaling")["summary"]
@@ -318,7 +305,7 @@ def test_on_a_store_built_by_the_pipeline_steps(tmp_path):
 def test_no_width_family_degrades_without_crashing(store, tmp_path):
     """A config whose sweep families match no stored SAE: the family analyses say so, the others still run."""
     fams = [{"name": "nomatch", "architecture": "topk", "widths": [1, 2], "ks": [1]}]
-    ctx = AnalysisContext(store.db, store.params | {"families": fams})
+    ctx = AnalysisContext(store.paths, store.params | {"families": fams})
     assert _run("scaling_decomposition", ctx, tmp_path)["summary"]["n_widths"] == 0
     assert _run("per_token_scaling", ctx, tmp_path)["summary"]["n_widths"] == 0
     ce = _run("ce_contributions", ctx, tmp_path)
