@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run smoke test lint bench clean
+.PHONY: setup run smoke test publish bench clean
 
 setup: $(VENV)/.installed $(VENV)/.embedded
 
@@ -33,6 +33,11 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/snakemake --lint
 	$(BIN)/python -m pytest -q
+
+# The default run's small outputs (analyses, report, published.json: the SAE table, provenance, file hashes) are
+# committed; this brings the run up to date and rewrites the manifest (see darkmatter/report/publish.py).
+publish: run
+	$(BIN)/python -m darkmatter.cli publish --db results/default/darkmatter.duckdb
 
 bench: setup
 	$(BIN)/python -m bench.harvest

@@ -56,7 +56,7 @@ def with_increases(summary: pl.DataFrame) -> pl.DataFrame:
 
 
 def bootstrap_ce(per_token: pl.DataFrame, n_boot: int, level: float, seed: int) -> pl.DataFrame:
-    """Percentile intervals of every number of :func:`darkmatter.ce.summarize_ce`, resampling eval contexts.
+    """Percentile intervals of every number of :func:`darkmatter.downstream.ce.summarize_ce`, resampling eval contexts.
 
     Per (sae_id, condition) the sums of ce and kl and the token counts per context form matrices S [K, C], N [K, C];
     a resample draws C contexts with replacement (multiplicities w [C], ``np.random.default_rng(seed)``), so its

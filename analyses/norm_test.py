@@ -38,7 +38,7 @@ VECTORS = {
     "nonlinear_error": ("NonlinearError", "nonlinear_error_norm * nonlinear_error_norm"),
 }
 COLOURS = {"x": "#9d9d9d", "sae": "#72b7b2", "error": "#333333", "linear_error": "#4c78a8",
-           "nonlinear_error": "#e45756"}  # error parts in darkmatter.plots.PALETTE's colours
+           "nonlinear_error": "#e45756"}  # error parts in darkmatter.analysis.figures.PALETTE's colours
 
 
 def _targets(ctx: AnalysisContext, x: np.ndarray, sae_ids: list[str]) -> tuple[np.ndarray, list[tuple[str, str]]]:

@@ -2,7 +2,7 @@
 
 (a) the limit: a bare forward pass over the same batches with the blocks after the hook removed;
 (b) the naive user: the model's ordinary full forward pass (all blocks + logits) with a forward hook.
-Ours: :func:`darkmatter.activations.harvest` itself, writing its memmapped store. Trials are interleaved
+Ours: :func:`darkmatter.data.harvest.harvest` itself, writing its memmapped store. Trials are interleaved
 (ours, a, b, ours, a, b, ...) and medians reported, because the machine's 2 cores are noisy.
 
     python -m bench.harvest [--model results/default/model/hf] [--contexts 8] [--repeats 3]

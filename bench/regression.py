@@ -6,7 +6,7 @@ log-spaced, random unit decoder rows, W_enc = W_decᵀ, b_dec = mean of x) whose
 Fit/test split: the paper's (150k shuffled rows, the rest held out).
 
 Contenders, interleaved over ``--repeats`` rounds (medians reported):
-- ``family_<method>``: darkmatter.family_fit.decompose_family over all SAEs — one pass over x for the family,
+- ``family_<method>``: darkmatter.errors.decompose_family over all SAEs — one pass over x for the family,
   x statistics and factorisations shared (b*, test R² of the error vector and of ‖error‖², with and without
   intercept, FVU_total / FVU_nonlinear); method auto (= dense GEMM cross moments at d = 576, k = 32) / sparse
   (cross moments from the codes) / dense.
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from darkmatter.errors.family_fit import SparseCodes, choose_method, decompose_family
 
-from darkmatter.regression.solve import heldout_r2, split_mask
+from darkmatter.errors.decompose import decompose_family, sparse_pays
+from darkmatter.regression import heldout_r2, split_mask
+from darkmatter.sae.codes import SparseCodes
 
 D_MODEL = 576
 CACHE = Path("bench/out/regression-cache")
@@ -128,7 +129,7 @@ def sklearn_fit(x_fit: np.ndarray, x_test: np.ndarray, e_fit: np.ndarray, e_test
 
 
 def dense_error(x: np.ndarray, codes: SparseCodes) -> np.ndarray:
-    return codes.error(x, slice(None)).numpy()
+    return (torch.from_numpy(x) - codes.x_hat(slice(None))).numpy()
 
 
 def r2_diff(ours, ref: dict) -> dict[str, float]:
@@ -212,7 +213,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for m in methods:
             t0 = time.perf_counter()
-            ours[m] = decompose_family(x, saes, mask=mask, method=m)
+            ours[m] = decompose_family(x, saes, mask=mask, method=m).fits
             times[f"family_{m}"].append(time.perf_counter() - t0)
             print(f"[{rep}] family {m}: {times[f'family_{m}'][-1]:.1f} s", flush=True)
         t0 = time.perf_counter()
@@ -246,7 +247,7 @@ def main() -> None:
     for i, codes in enumerate(saes):
         nsq = np.square(dense_error(x, codes).astype(np.float64)).sum(1)
         pred = LinearRegression().fit(x_fit, nsq[mask]).predict(x_test)
-        norm_diff.append(abs(ours[methods[0]][i].r2_norm_sq.r2_mean_dims - r2_score(nsq[~mask], pred)))
+        norm_diff.append(abs(ours[methods[0]][i].r2_norm_sq.r2_pooled - r2_score(nsq[~mask], pred)))
 
     print("memory probes (fresh processes) ...", flush=True)
     sizes = [args.tokens // 2, args.tokens]
@@ -286,7 +287,7 @@ def main() -> None:
                         "r2_norm_sq": r.r2_norm_sq.r2_mean_dims, "fvu_total": r.fvu_total,
                         "fvu_nonlinear": r.fvu_nonlinear, "condition_number": r.linear_map.condition_number}
                        for w, r in zip(widths, ours[methods[0]], strict=True)],
-           "auto_resolves_to": [choose_method("auto", args.k, w, D_MODEL) for w in widths],
+           "auto_resolves_to": ["sparse" if sparse_pays(args.k, w, D_MODEL) else "dense" for w in widths],
            "memory": mem, "acceptance": accept}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=float))

@@ -3,7 +3,7 @@
 One training step = forward + backward + Adam (+ each library's decoder-norm handling), batch 4096 tokens,
 d_in 576, k 32, d_sae 9216 and 18432, fp32 and bf16, all measured in one run:
 
-- ours:    darkmatter.train.Trainer.train_step (sparse kernels of darkmatter.sae.kernels, the real training step);
+- ours:    darkmatter.sae.train.Trainer.train_step (sparse kernels of darkmatter.sae.kernels, the real training step);
 - dense:   the same SAE through its dense autograd forward (Sae.forward: topk → scatter → dense matmul);
 - sparsify: EleutherAI ``SparseCoder`` (pip eai-sparsify, eager CPU path, SPARSIFY_DISABLE_TRITON=1) with its
   trainer's step: unit-norm decoder, fvu loss, parallel-gradient removal;

@@ -193,6 +193,14 @@ def cmd_render_report(args: argparse.Namespace) -> None:
                   out=Path(args.out) if args.out else None)
 
 
+def cmd_publish(args: argparse.Namespace) -> None:
+    from darkmatter.report.publish import publish
+
+    manifest = publish(ExperimentPaths.from_database(args.db))
+    print(f"published {len(manifest['files'])} files and {len(manifest['saes'])} SAEs: "
+          f"{ExperimentPaths.from_database(args.db).root / 'published.json'}")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="darkmatter", description="The steps of the darkmatter workflow.")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -238,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the report to write (default: reports/<exp>/index.html)")
     for flag in ("--max-contexts", "--top-k", "--contexts-per-page"):
         p.add_argument(flag, type=int, default=None, help="token-browser limit (darkmatter.report.browser)")
+    command("publish", "the manifest of a run's published outputs, results/<exp>/published.json",
+            ("--db", "the experiment's store, results/<exp>/darkmatter.duckdb"))
     return ap
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from darkmatter.config import stable_hash
 from darkmatter.io import write_json
 
-PACKAGES = ("darkmatter", "torch", "numpy", "transformers", "safetensors", "polars", "duckdb", "scikit-learn")
+PACKAGES = ("darkmatter", "torch", "numpy", "scipy", "transformers", "safetensors", "polars", "duckdb")
 
 
 def git_state(root: Path | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The flags of /work/shared/ENVIRONMENT.md: without them Chromium tries to reach the network.
+# Without these flags headless Chromium tries to reach the network (updates, sync, background requests).
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars",
          "--mute-audio", "--disable-extensions", "--disable-default-apps")

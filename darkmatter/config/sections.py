@@ -79,7 +79,7 @@ class SaeTrainingConfig:
 
     tokens: int = 2_000_000
     batch_size: int = 4096
-    lr: float | None = None  # None: lr_base * (d_sae / 2**14) ** -lr_width_exponent (darkmatter.train.default_lr)
+    lr: float | None = None  # None: lr_base * (d_sae / 2**14) ** -lr_width_exponent (darkmatter.sae.train.default_lr)
     lr_base: float = 1.6e-3  # the learning rate at d_sae = 2**14 (sparsify / dictionary_learning: 2e-4)
     lr_width_exponent: float = 0.25  # (sparsify / dictionary_learning: 0.5)
     warmup_steps: int = 50
@@ -125,7 +125,7 @@ class SaeFamilyConfig:
 
 @dataclass(frozen=True)
 class DecompositionConfig:
-    """How the linear error predictor b* is fitted (SCIENCE.md §1–2).
+    """How the linear error predictor b* is fitted (docs/science.md: definitions and data protocol).
 
     Rows of the eval split (positions ≥ min_pos) are shuffled with ``seed``; b* is fitted on the first
     ``fit_tokens`` and R² is scored on the rest; the fitted map is then applied to every token.

@@ -1,7 +1,7 @@
-"""Downstream CE of every SAE and of its error parts, on a subset of eval contexts (SCIENCE.md §3.9).
+"""Downstream CE of every SAE and of its error parts, on a subset of eval contexts (docs/science.md, experiment 9).
 
 For each batch the clean forward pass runs once; then every condition of every SAE re-runs only the blocks
-from the hook onwards (:func:`darkmatter.splice.splice_losses`). Conditions:
+from the hook onwards (:func:`darkmatter.downstream.splice.splice_losses`). Conditions:
 
 - ``clean``; ``zero`` (zero ablation, the ecosystem's CE-score baseline); ``mean`` (mean ablation);
 - per SAE: ``sae`` = Sae(x); ``sae+linear`` = Sae(x) + LinearError(x); ``sae+nonlinear`` = Sae(x) + NonlinearError(x),

@@ -2,7 +2,7 @@
 
 A *replacement* maps the activation at positions ≥ ``min_pos`` (``x [B, T - min_pos, d]``) to what the model
 should see instead (e.g. ``Sae(x)``, ``Sae(x) + LinearError(x)``); earlier positions always keep the original
-``x`` — the replacement never sees them, so it cannot change them (SCIENCE.md §3.9).
+``x`` — the replacement never sees them, so it cannot change them (docs/science.md, experiment 9).
 
 Prefix reuse, in two directions. Depth: the clean pass records the input of the hooked block and the arguments
 every later block receives (attention masks, rotary embeddings — whatever the architecture passes), so each
@@ -232,7 +232,7 @@ def mean_ablation(mean: Tensor) -> Replacement:
 
 
 def percent_recovered(l_sae: float, l_setting: float, l_clean: float) -> float:
-    """100·(L_sae − L_setting)/(L_sae − L_clean): the share of the SAE's CE gap a setting closes (SCIENCE §3.9)."""
+    """100·(L_sae − L_setting)/(L_sae − L_clean): the share of the SAE's CE gap a setting closes (docs/science.md, experiment 9)."""
     gap = l_sae - l_clean
     return 100.0 * (l_sae - l_setting) / gap if gap != 0 else float("nan")
 

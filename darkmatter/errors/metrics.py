@@ -1,6 +1,6 @@
 """Reconstruction and sparsity metrics of an SAE: the one place each metric is defined.
 
-Notation (DESIGN.md): ``x [N, d_in]`` SAE inputs, ``x_hat [N, d_in]`` reconstructions, ``latents [N, d_sae]``
+Notation (docs/science.md): ``x [N, d_in]`` SAE inputs, ``x_hat [N, d_in]`` reconstructions, ``latents [N, d_sae]``
 dense latent activations, ``error = x - x_hat``. Per-token functions return float64 tensors ``[N]``; every sum
 is taken in float64 because evaluation sets reach 250k × 576 entries, where float32 sums lose digits.
 
@@ -134,8 +134,8 @@ class FvuAccumulator:
     """Pooled fraction of variance unexplained, streamed over chunks of tokens.
 
     FVU = Σ_t ‖x_t − x̂_t‖² / Σ_t ‖x_t − μ‖², μ = mean of x over *all* tokens of the evaluation set, pooled over
-    tokens and dimensions (SCIENCE.md §1; Dark-Matter ``fraction_variance_unexplained``). Not the variance about
-    zero that SAELens 6.18 / SAEBench 0.6.0 ``explained_variance`` uses (ECOSYSTEM.md §2.1).
+    tokens and dimensions (docs/science.md; the reference code's ``fraction_variance_unexplained``). Not the variance about
+    zero that SAELens 6.18 / SAEBench 0.6.0 ``explained_variance`` uses (docs/science.md explains why not).
 
     The denominator is merged chunk by chunk with Chan et al.'s pairwise update in float64 (each chunk centred
     on its own mean first): unlike Σ‖x‖² − N‖μ‖² it does not cancel catastrophically when ‖μ‖ ≫ spread.

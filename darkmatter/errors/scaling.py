@@ -1,4 +1,4 @@
-"""The scaling law of SAE error with width, and the decomposition of Figure 1 (SCIENCE.md §3.2; Engels et al.).
+"""The scaling law of SAE error with width, and the decomposition of Figure 1 (docs/science.md, experiment 2; Engels et al.).
 
     FVU_total(W) = c + a·W^(−m),  a, c, m > 0
 

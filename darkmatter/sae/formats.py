@@ -4,10 +4,10 @@ Each reader maps a foreign file onto :class:`darkmatter.sae.Sae` (``W_enc [d_in,
 ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, ``threshold [d_sae]`` for JumpReLU) plus an SAELens-style ``cfg``,
 folding format-specific quirks into the weights so that ``Sae.forward`` reproduces the source library exactly:
 
-- Gemma Scope ``params.npz`` (ECOSYSTEM.md §3.2): JumpReLU, ``apply_b_dec_to_input = False``.
-- sparsify folders ``cfg.json + sae.safetensors`` (§3.3): ``encoder.weight [d_sae, d_in]`` is transposed;
+- Gemma Scope ``params.npz`` (google/gemma-scope on Hugging Face): JumpReLU, ``apply_b_dec_to_input = False``.
+- sparsify folders ``cfg.json + sae.safetensors`` (EleutherAI sparsify): ``encoder.weight [d_sae, d_in]`` is transposed;
   TopK with ``k`` from the cfg; an autoencoder always subtracts ``b_dec`` from its input.
-- SAELens folders ``cfg.json + sae_weights.safetensors`` (§3.1), pre-v6 keys included. darkmatter writes the
+- SAELens folders ``cfg.json + sae_weights.safetensors``, pre-v6 keys included. darkmatter writes the
   same layout (:func:`darkmatter.sae.save_sae`), so its own SAEs load through the same path, cfg keys intact.
 
 Only safetensors and ``np.load(allow_pickle=False)`` are used: loading a pickle runs code.

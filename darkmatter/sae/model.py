@@ -92,7 +92,7 @@ class Sae(nn.Module):
         self.W_dec = nn.Parameter(torch.zeros(self.d_sae, self.d_in, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(self.d_in, dtype=dtype))
         self.threshold: Tensor | None
-        if arch == "jumprelu":  # trained directly (not log-parameterised: see darkmatter.kernels.JumpReLU)
+        if arch == "jumprelu":  # trained directly (not log-parameterised: see darkmatter.sae.kernels.JumpReLU)
             self.threshold = nn.Parameter(torch.zeros(self.d_sae, dtype=dtype))
         elif arch == "batchtopk":  # an EMA statistic, not a gradient-trained parameter
             self.register_buffer("threshold", torch.zeros(self.d_sae, dtype=dtype))

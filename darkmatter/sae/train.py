@@ -1,6 +1,6 @@
 """Train one SAE on harvested activations: initialisation, optimiser, schedule, checkpoints, train log.
 
-The recipe (every choice is a key of :class:`darkmatter.config.SaeTrainingConfig`; sources in ECOSYSTEM.md §1):
+The recipe (every choice is a key of :class:`darkmatter.config.SaeTrainingConfig`; the libraries each choice follows are named with it):
 
 - ``input_scaling="mean_squared_norm"``: train on x / s with s = √(E‖x‖²/d_in), so E‖x/s‖² = d_in (per-dimension
   RMS 1, as SAELens' ``expected_average_only_in``); s is folded into the saved weights (darkmatter.sae.fold).

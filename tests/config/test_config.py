@@ -1,11 +1,24 @@
-"""Config: defaults, YAML round trip, and one clear sentence for every bad value."""
+"""Config: defaults, YAML round trip, one clear sentence for every bad value, every key documented, step slices."""
 
 from __future__ import annotations
+
+import dataclasses
+import re
 
 import pytest
 import yaml
 
-from darkmatter.config import ConfigError, ExperimentConfig, load_config, to_dict
+from darkmatter.config import (
+    STEP_KEYS,
+    ConfigError,
+    ConfigSlice,
+    ExperimentConfig,
+    HarvestConfig,
+    SaeFamilyConfig,
+    load_config,
+    step_slice,
+    to_dict,
+)
 from tests.helpers import REPO
 
 
@@ -76,3 +89,49 @@ def test_missing_and_malformed_files(tmp_path):
     top.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(top)
+
+
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of a config section, dotted (nested sections recursed; families as families[].<key>)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            keys += config_keys(type(default), f"{prefix}{f.name}.")
+        elif f.name == "families":
+            keys += config_keys(SaeFamilyConfig, "families[].")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_every_config_key_is_documented_once_in_docs_configuration():
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    keys = config_keys(ExperimentConfig)
+    assert len(keys) > 70
+    missing = [k for k in keys if doc.count(f"| `{k}` |") != 1]
+    assert not missing, missing
+    documented = set(re.findall(r"^\| `([^`]+)` \|", doc, flags=re.M))
+    assert documented == set(keys), documented ^ set(keys)  # and nothing that is not a key
+
+
+def test_step_slices_hold_exactly_the_declared_keys():
+    cfg = ExperimentConfig()
+    for step, sections in STEP_KEYS.items():
+        got = step_slice(cfg, step, analysis="synthetic_validation" if step == "run-analysis" else None)
+        assert set(got) == set(sections), step
+        for section, keys in sections.items():
+            if keys is not None:
+                extra = {"synthetic_validation"} if (step, section) == ("run-analysis", "analysis") else set()
+                assert set(got[section]) == set(keys) | extra, (step, section)
+    # an analysis without options gets only the shared keys
+    assert set(step_slice(cfg, "run-analysis", analysis="norm_test")["analysis"]) == {"bootstrap", "confidence"}
+
+
+def test_a_step_cannot_read_a_key_it_was_not_given():
+    harvest = ConfigSlice(HarvestConfig, {"min_pos": 10}, "params.harvest")
+    assert harvest.min_pos == 10
+    with pytest.raises(ConfigError, match="was not given key 'hooks'"):
+        harvest.hooks  # noqa: B018
+    with pytest.raises(ConfigError, match=r"was not given keys \['batch_contexts'"):
+        harvest.whole()
