@@ -97,8 +97,12 @@ class ExperimentPaths:
     def database(self) -> Path:
         return self.root / DATABASE
 
+    @property
+    def analyses(self) -> Path:
+        return self.root / "analyses"
+
     def analysis(self, name: str) -> Path:
-        return self.root / "analyses" / name
+        return self.analyses / name
 
     def log(self, step: str, *parts: str) -> Path:
         """results/<exp>/logs/<step>.log, or logs/<step>/<part>/…/<last part>.log (one log per wildcard value)."""

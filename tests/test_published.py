@@ -31,7 +31,7 @@ def test_every_published_file_is_there_and_unchanged(manifest):
     for path, entry in files.items():
         assert (REPO / path).is_file(), path
         assert sha256(REPO / path) == entry["sha256"], f"{path} changed since it was published (make publish)"
-    on_disk = {p.relative_to(REPO).as_posix() for p in (PATHS.root / "analyses").rglob("*") if p.is_file()}
+    on_disk = {p.relative_to(REPO).as_posix() for p in PATHS.analyses.rglob("*") if p.is_file()}
     assert on_disk <= set(files), sorted(on_disk - set(files))  # nothing unlisted beside them
 
 

@@ -218,14 +218,24 @@ def load_model(path: str, revision: str | None = None):
 # --------------------------------------------------------------------------------------------- hook points
 
 
+def _first(obj: object, names: tuple[str, ...], kind: type, what: str, model: nn.Module) -> nn.Module:
+    """The first attribute of ``obj`` among ``names`` that is a ``kind`` (module layouts differ by family)."""
+    for name in names:
+        mod = getattr(obj, name, None)
+        if isinstance(mod, kind):
+            return mod
+    raise ModelError(f"unsupported architecture {type(model).__name__}: no {what} found.")
+
+
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks for Llama/SmolLM/Gemma-2/Mistral/Qwen (``model.layers``) and GPT-2 (``h``)."""
     base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    for name in ("layers", "h"):
-        mods = getattr(base, name, None)
-        if isinstance(mods, nn.ModuleList):
-            return mods
-    raise ModelError(f"unsupported architecture {type(model).__name__}: no transformer block list found.")
+    return _first(base, ("layers", "h"), nn.ModuleList, "transformer block list", model)  # type: ignore[return-value]
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The normalisation applied after the last block (Llama/Gemma ``norm``, GPT-2 ``ln_f``)."""
+    return _first(model.base_model, ("norm", "ln_f", "final_layernorm"), nn.Module, "final norm", model)
 
 
 def hook_module(model: nn.Module, hook: str) -> nn.Module:
@@ -245,11 +255,8 @@ def hook_module(model: nn.Module, hook: str) -> nn.Module:
     kind = "mlp" if hook.endswith("hook_mlp_out") else "attn"
     if hasattr(block, "pre_feedforward_layernorm"):  # Gemma-2 normalises each sublayer's output before the add
         return getattr(block, {"mlp": "post_feedforward_layernorm", "attn": "post_attention_layernorm"}[kind])
-    for name in {"mlp": ("mlp",), "attn": ("self_attn", "attn")}[kind]:
-        mod = getattr(block, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    raise ModelError(f"unsupported architecture {type(model).__name__}: block {layer} has no {kind} module.")
+    return _first(block, {"mlp": ("mlp",), "attn": ("self_attn", "attn")}[kind], nn.Module,
+                  f"{kind} module in block {layer}", model)
 
 
 def output_tensor(output) -> torch.Tensor:

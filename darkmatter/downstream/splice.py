@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers import Cache
 
 from darkmatter.config import hook_layer
-from darkmatter.data.models import blocks, hook_module, logits_from_hidden, output_tensor
+from darkmatter.data.models import blocks, final_norm, hook_module, logits_from_hidden, output_tensor
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,6 @@ class SpliceLosses:
 
     ce: dict[str, Tensor]
     kl: dict[str, Tensor]
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    """The normalisation applied after the last block (Llama/Gemma ``norm``, GPT-2 ``ln_f``)."""
-    base = model.base_model
-    for name in ("norm", "ln_f", "final_layernorm"):
-        mod = getattr(base, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    raise ValueError(f"unsupported architecture {type(model).__name__}: no final norm found.")
 
 
 def _replace_hook(min_pos: int, fn: Replacement):

@@ -34,7 +34,7 @@ import scipy.sparse
 import torch
 from torch import Tensor
 
-from darkmatter.errors.metrics import ReconstructionAccumulator, TokenSums, token_sums
+from darkmatter.errors.metrics import ReconstructionAccumulator, TokenSums, row_dot
 from darkmatter.regression import (
     CHUNK_ROWS,
     DEFAULTS,
@@ -217,16 +217,25 @@ class _ErrorSums:
         # the sparse route forms only the norm column's cross moment by GEMM; the error's comes from Σx̃ᵀz
         self.target = TargetSums(n_splits, cross_cols=slice(d, d + 1) if self.sparse else slice(None))
         self.zx: list[Tensor | None] = [None] * n_splits
+        self._buf: Tensor | None = None
+
+    def _scratch(self, n: int, dtype: torch.dtype) -> Tensor:
+        """A reused [n, d + 1] buffer for one tile's target (a fresh one per tile page-faults)."""
+        if self._buf is None or self._buf.dtype != dtype or self._buf.shape[0] < n:
+            self._buf = torch.empty(n, self.d + 1, dtype=dtype)
+        return self._buf[:n]
 
     def add_chunk(self, chunk) -> None:
         state = _take(self.recon.rows(chunk.sl), chunk.order)
         for split in range(len(chunk.splits)):
             for rows in chunk.tiles(split):
                 tile = _take(state, rows)
-                x = chunk.x[rows] if isinstance(self.recon, DenseReconstruction) else chunk.x[rows].float()
-                e = self.recon.error_of(x, tile)
-                norm_sq = torch.linalg.vector_norm(e, dim=1).square_()  # in e's dtype, like the target it goes into
-                self.target.add_tile(split, chunk, rows, torch.cat([e, norm_sq[:, None]], dim=1))
+                x_hat = self.recon.x_hat_of(tile)
+                x = chunk.x[rows].to(x_hat.dtype)  # float32 for codes; a float64 dense x_hat keeps float64
+                target = self._scratch(x.shape[0], x_hat.dtype)  # [e, ‖e‖²], built in place
+                e = torch.sub(x, x_hat, out=target[:, : self.d])
+                target[:, self.d] = torch.linalg.vector_norm(e, dim=1).square_()  # in e's dtype
+                self.target.add_tile(split, chunk, rows, target, owned=True)
                 if self.sparse:  # Σ_rows z_rowᵀ x̃_row [d_sae, d]: scipy's CSC product touches only the nonzeros
                     idx, val = tile
                     z = scipy.sparse.csr_matrix((val.double().reshape(-1).numpy(), idx.reshape(-1).numpy(),
@@ -334,7 +343,8 @@ class _PartsAccumulator:
         self.recon = recon
         d = design.fit.shift.shape[0]
         # [b* | a] and its offset c = s·[b* | a] + [b0 | a0]: predictions from x̃ = x − s in one float32 GEMM
-        maps = [fit.linear_map] + ([fit.norm_map] if fit.norm_map is not None else [])
+        assert fit.norm_map is not None, "the family fit regresses ‖error‖² too"
+        maps = [fit.linear_map, fit.norm_map]
         coef = np.concatenate([m.coef for m in maps], axis=1)
         offset = design.shift @ coef + np.concatenate([m.intercept for m in maps])
         self.coef, self.offset, self.d = torch.from_numpy(coef).float(), torch.from_numpy(offset).float(), d
@@ -345,27 +355,31 @@ class _PartsAccumulator:
         self.tokens["l0"] = np.empty(n, np.int16) if isinstance(recon, SparseCodes) else None
         self.sums = None if groups is None else GroupSumsAccumulator(groups)
 
-    def add_chunk(self, chunk, x64: Tensor, x_norm_sq: Tensor, test: np.ndarray, groups: np.ndarray | None) -> None:
+    def add_chunk(self, chunk, x_norm_sq: Tensor, test: np.ndarray, groups: np.ndarray | None) -> None:
+        """One chunk of x (in row order): float32 arithmetic throughout (the per-token values are stored as float32),
+        float64 only where sums accumulate over tokens."""
         sl, r = chunk.sl, self.recon
         state = r.rows(sl)
-        x_hat = r.x_hat_of(state)
-        t: TokenSums = self.metrics.add(token_sums(x64, x_hat, x_norm_sq))
-        e = (x64 - x_hat.double()).float()  # x − x_hat exact in float64, then rounded once
-        pred = torch.addmm(self.offset, chunk.xt32, self.coef)  # [n, d (+ 1)]
-        nonlinear = e - pred[:, : self.d]
+        x = chunk.x.float()
+        x_hat = r.x_hat_of(state).float()
+        e = x - x_hat  # SaeError, rounded once
+        t: TokenSums = self.metrics.add(TokenSums(x_norm_sq, row_dot(x_hat, x_hat), row_dot(x, x_hat), row_dot(e, e)))
+        pred = torch.addmm(self.offset, chunk.xt32, self.coef)  # [n, d + 1]: LinearError and the ‖e‖² map
+        linear = pred[:, : self.d]
+        nonlinear = e - linear
         tok, vn = self.tokens, torch.linalg.vector_norm
         for key, value in (("x_norm", x_norm_sq.sqrt()), ("x_hat_norm", t.x_hat_norm_sq.sqrt()),
                            ("error_norm", t.error_norm_sq.sqrt()), ("error_norm_sq", t.error_norm_sq),
-                           ("cosine", t.cosine), ("linear_error_norm", vn(pred[:, : self.d], dim=1)),
+                           ("cosine", t.cosine), ("linear_error_norm", vn(linear, dim=1)),
                            ("nonlinear_error_norm", vn(nonlinear, dim=1))):
             tok[key][sl] = value.numpy()  # type: ignore[index]
         l0 = r.l0(state)
         if l0 is not None:
             tok["l0"][sl] = l0.numpy()  # type: ignore[index]
             self.metrics.latents.update_codes(*state)  # type: ignore[union-attr]
-        if self.sums is not None and test.any() and pred.shape[1] > self.d:
+        if self.sums is not None and test.any():
             m = torch.from_numpy(test)
-            y = torch.cat([e[m], t.error_norm_sq[m].float()[:, None]], dim=1)
+            y = torch.cat([e[m], t.error_norm_sq[m, None]], dim=1)
             self.sums.add(groups[test], y, y - pred[m])  # type: ignore[index]
 
     def result(self, total_ss: float) -> ErrorParts:
@@ -388,12 +402,12 @@ def error_parts(x: ArrayLike, reconstructions: Sequence[Reconstruction | ArrayLi
     accs = [_PartsAccumulator(r, f, family.design, n, groups) for r, f in zip(recons, family.fits, strict=True)]
     for chunk in chunks(x, None, family.design.shift, chunk_rows=chunk_rows, progress=progress,
                         desc=f"error parts ({len(recons)} SAEs)"):
-        x64 = chunk.x.double()
-        x_norm_sq = torch.linalg.vecdot(x64, x64)
+        xc = chunk.x.float()
+        x_norm_sq = row_dot(xc, xc)  # shared by the SAEs
         test = ~np.asarray(family.mask[chunk.sl])
         g = None if groups is None else np.asarray(groups[chunk.sl])
         for acc in accs:
-            acc.add_chunk(chunk, x64, x_norm_sq, test, g)
+            acc.add_chunk(chunk, x_norm_sq, test, g)
     total_ss = family.design.all_rows.total_ss
     return [acc.result(total_ss) for acc in accs]
 

@@ -45,7 +45,8 @@ def _pair(x: ArrayLike, x_hat: ArrayLike) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class TokenSums:
-    """Per-token ‖x‖², ‖x̂‖², ⟨x, x̂⟩ and ‖x − x̂‖², float64 [n]: every per-token metric is defined from these once."""
+    """Per-token ‖x‖², ‖x̂‖², ⟨x, x̂⟩ and ‖x − x̂‖² [n]: every per-token metric is defined from these once (in
+    float64, whatever precision the sums were taken in)."""
 
     x_norm_sq: Tensor
     x_hat_norm_sq: Tensor
@@ -55,27 +56,31 @@ class TokenSums:
     @property
     def nmse(self) -> Tensor:
         """‖x − x̂‖² / ‖x‖² (*not* centred; inf or NaN where ‖x‖ = 0)."""
-        return self.error_norm_sq / self.x_norm_sq
+        return self.error_norm_sq.double() / self.x_norm_sq.double()
 
     @property
     def cosine(self) -> Tensor:
         """⟨x, x̂⟩ / (‖x‖ ‖x̂‖); 0 where either vector is zero (as torch's cosine_similarity, which clamps)."""
-        denom = (self.x_norm_sq * self.x_hat_norm_sq).sqrt()
-        return torch.where(denom > 0, self.x_dot_x_hat / torch.where(denom > 0, denom, 1.0), 0.0)
+        denom = (self.x_norm_sq.double() * self.x_hat_norm_sq.double()).sqrt()
+        return torch.where(denom > 0, self.x_dot_x_hat.double() / torch.where(denom > 0, denom, 1.0), 0.0)
 
     @property
     def l2_ratio(self) -> Tensor:
         """Shrinkage ‖x̂‖ / ‖x‖."""
-        return (self.x_hat_norm_sq / self.x_norm_sq).sqrt()
+        return (self.x_hat_norm_sq.double() / self.x_norm_sq.double()).sqrt()
 
 
-def token_sums(x: ArrayLike, x_hat: ArrayLike, x_norm_sq: Tensor | None = None) -> TokenSums:
-    """:class:`TokenSums` of ``x, x_hat [N, d_in]`` (float64 sums; ``x_norm_sq`` may be passed in when shared)."""
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a_i, b_i⟩ per row of a, b [n, d] in their dtype (a batched BLAS dot: several times faster than
+    ``vecdot`` or an elementwise product and sum on a CPU)."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+
+
+def token_sums(x: ArrayLike, x_hat: ArrayLike) -> TokenSums:
+    """:class:`TokenSums` of ``x, x_hat [N, d_in]`` in float64."""
     x64, xh64 = _pair(x, x_hat)
-    dot = torch.linalg.vecdot
     err = x64 - xh64
-    return TokenSums(dot(x64, x64) if x_norm_sq is None else x_norm_sq, dot(xh64, xh64), dot(x64, xh64),
-                     dot(err, err))
+    return TokenSums(row_dot(x64, x64), row_dot(xh64, xh64), row_dot(x64, xh64), row_dot(err, err))
 
 
 def error_norm_sq(x: ArrayLike, x_hat: ArrayLike) -> Tensor:
@@ -321,7 +326,7 @@ class ReconstructionAccumulator:
         for key, value in (("error_norm_sq", t.error_norm_sq), ("nmse_per_token", t.nmse), ("cosine", t.cosine),
                            ("l2_ratio", t.l2_ratio), ("x_hat_norm_sq", t.x_hat_norm_sq),
                            ("x_dot_x_hat", t.x_dot_x_hat)):
-            s[key] += float(value.sum())
+            s[key] += float(value.sum(dtype=torch.float64))
         return t
 
     def summary(self, total_ss: float | None = None, dense_threshold: float = DENSE_THRESHOLD,

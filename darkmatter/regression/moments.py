@@ -278,6 +278,7 @@ class TargetSums:
         self.n = [0] * n_splits
         self.sums: list[dict[str, Tensor]] = [{} for _ in range(n_splits)]
         self.shift: Tensor | None = None
+        self._square: Tensor | None = None  # scratch for (y − t)², reused: a fresh buffer per tile page-faults
 
     def add_chunk(self, chunk: Chunk, tile: Callable[[slice], Tensor]) -> None:
         """Add every tile of ``chunk``; ``tile(rows)`` gives the target rows [n, p] at those rows of the chunk's
@@ -286,14 +287,21 @@ class TargetSums:
             for rows in chunk.tiles(split):
                 self.add_tile(split, chunk, rows, tile(rows))
 
-    def add_tile(self, split: int, chunk: Chunk, rows: slice, y: Tensor) -> None:
+    def add_tile(self, split: int, chunk: Chunk, rows: slice, y: Tensor, owned: bool = False) -> None:
+        """Add the target rows ``y`` [n, p] at ``rows`` of the chunk's order; ``owned``: y is the caller's scratch
+        and may be shifted in place."""
         if self.shift is None:
             self.shift = y.mean(0, dtype=torch.float64).to(y.dtype).double()
-        yt = y - self.shift.to(y.dtype)
+        shift = self.shift.to(y.dtype)
+        yt = y.sub_(shift) if owned else y - shift
+        if self._square is None or self._square.dtype != yt.dtype or self._square.shape[1:] != yt.shape[1:] \
+                or self._square.shape[0] < yt.shape[0]:
+            self._square = torch.empty_like(yt)
+        square = torch.mul(yt, yt, out=self._square[: yt.shape[0]])
         xt = chunk.xt32[rows] if y.dtype == torch.float32 else chunk.xt[rows]
         sums = self.sums[split]
         self.n[split] += y.shape[0]
-        for key, value in (("sum", yt.sum(0)), ("sum_sq", (yt * yt).sum(0)), ("cross", xt.T @ yt[:, self.cross_cols])):
+        for key, value in (("sum", yt.sum(0)), ("sum_sq", square.sum(0)), ("cross", xt.T @ yt[:, self.cross_cols])):
             if key in sums:
                 sums[key] += value  # mixed dtypes are cast element by element: no float64 copy of value
             else:

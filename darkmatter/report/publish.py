@@ -35,7 +35,7 @@ def sha256(path: Path) -> str:
 
 def published_files(paths: ExperimentPaths) -> list[Path]:
     """The files of the published set that exist now (besides the manifest), sorted."""
-    files = sorted(p for p in (paths.root / "analyses").rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in paths.analyses.rglob("*") if p.is_file() and not p.name.startswith("."))
     return files + [p for p in (paths.report_index, paths.report_browser) if p.is_file()]
 
 
@@ -43,7 +43,7 @@ def publish(paths: ExperimentPaths, base: Path = Path(".")) -> dict[str, Any]:
     """Write ``results/<exp>/published.json`` for the run in ``paths`` (file paths in it relative to ``base``, the
     repository root); raises ValueError when a file or the set is too large to publish."""
     files = published_files(paths)
-    if not paths.report_index.is_file() or not (paths.root / "analyses").is_dir():
+    if not paths.report_index.is_file() or not paths.analyses.is_dir():
         raise ValueError(f"{paths.root}: no report or analyses to publish; run the workflow first.")
     entries, total = [], 0
     for path in files:

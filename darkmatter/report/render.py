@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +28,7 @@ from darkmatter.analysis.contract import load_outputs
 from darkmatter.analysis.contract import method as module_method
 from darkmatter.analysis.contract import question as module_question
 from darkmatter.config import stable_hash
+from darkmatter.io import write_text
 from darkmatter.paths import ExperimentPaths
 from darkmatter.provenance import git_state, package_versions
 from darkmatter.report.browser import DEFAULT_LIMITS, BrowserLimits, browser_data
@@ -139,18 +139,6 @@ def _script_json(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` under a temporary name beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def render_report(paths: ExperimentPaths, analyses: list[str], config: dict[str, Any],
                   limits: BrowserLimits = DEFAULT_LIMITS, out: Path | None = None) -> Path:
     """Write the report (``out``, default ``reports/<exp>/index.html``) and ``browser.html`` beside it.
@@ -174,7 +162,7 @@ def render_report(paths: ExperimentPaths, analyses: list[str], config: dict[str,
         browser = env.get_template("browser.html.j2").render(
             title=f"Dark-matter browser · {config.get('name', exp_results.name)}", css=css + _asset("browser.css"),
             js=_asset("browser.js"), data_json=_script_json(data), limits=limits, data=data)
-        write_text_atomic(out.parent / "browser.html", browser)
+        write_text(out.parent / "browser.html", browser)
     else:
         log.warning("%s does not exist: the report has no SAE table and no token browser", db)
 
@@ -187,7 +175,7 @@ def render_report(paths: ExperimentPaths, analyses: list[str], config: dict[str,
         limits=limits, stages=stages, stage_totals=stage_totals(stages), prov=report_prov,
         shas=sorted({s["git_sha"] for s in stages if s["git_sha"]}),
     )
-    write_text_atomic(out, html)
+    write_text(out, html)
     log.info("report: %s (%d bytes), %d analyses (%d not run)", out, len(html.encode()), len(sections),
              sum(s.status != "ok" for s in sections))
     return out

@@ -7,7 +7,6 @@ analyses can run in parallel.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import duckdb
 import polars as pl
 
 from darkmatter.config import SaeFamilyConfig
+from darkmatter.io import atomic_file
 from darkmatter.paths import ExperimentPaths
 from darkmatter.store.schema import TABLES, VIEWS, create_table_sql
 
@@ -40,31 +40,24 @@ def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
                    token_error_shards: Sequence[str | Path], token_ce: pl.DataFrame | None = None) -> Path:
     """Create the DuckDB file at ``path`` from the token and SAE tables, per-SAE Parquet shards and CE rows."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     frames = {"tokens": _check_columns("tokens", tokens), "saes": _check_columns("saes", saes)}
     if token_ce is not None:
         frames["token_ce"] = _check_columns("token_ce", token_ce)
     cols = ", ".join(c.name for c in TABLES["token_errors"])
-    try:
-        with duckdb.connect(str(tmp)) as con:
-            for name in TABLES:
-                con.execute(create_table_sql(name))
-                for c in TABLES[name]:
-                    con.execute(f"COMMENT ON COLUMN {name}.{c.name} IS {_literal(c.doc)}")
-            for name, frame in frames.items():
-                con.register(f"{name}_frame", frame.to_arrow())
-                con.execute(f"INSERT INTO {name} SELECT * FROM {name}_frame")
-            if token_error_shards:
-                files = [str(p) for p in token_error_shards]
-                con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])
-            for view, (doc, sql) in VIEWS.items():
-                con.execute(f"CREATE VIEW {view} AS {sql}")
-                con.execute(f"COMMENT ON VIEW {view} IS {_literal(doc)}")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, duckdb.connect(str(tmp)) as con:
+        for name in TABLES:
+            con.execute(create_table_sql(name))
+            for c in TABLES[name]:
+                con.execute(f"COMMENT ON COLUMN {name}.{c.name} IS {_literal(c.doc)}")
+        for name, frame in frames.items():
+            con.register(f"{name}_frame", frame.to_arrow())
+            con.execute(f"INSERT INTO {name} SELECT * FROM {name}_frame")
+        if token_error_shards:
+            files = [str(p) for p in token_error_shards]
+            con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])
+        for view, (doc, sql) in VIEWS.items():
+            con.execute(f"CREATE VIEW {view} AS {sql}")
+            con.execute(f"COMMENT ON VIEW {view} IS {_literal(doc)}")
     return path
 
 

@@ -47,10 +47,12 @@ def test_identity_is_clean_and_prefix_reuse_equals_full_recompute(request, name,
     assert torch.equal(full.ce["identity"], full.ce["clean"])
     assert torch.equal(full.kl["identity"], torch.zeros_like(full.kl["identity"]))
     # Prefix reuse runs the later blocks on positions >= min_pos over the cached clean keys and values: the same
-    # arithmetic up to float32 summation order (bitwise equal on these tiny models; 1e-5 nats is the bar).
+    # arithmetic up to float32 summation order (bitwise equal on these tiny models). CE and KL are sums of
+    # log-probabilities of magnitude ≈ CE, so both are held to 64 float32 roundings of the largest clean CE.
+    tol = 64 * torch.finfo(torch.float32).eps * float(full.ce["clean"].abs().max())
     for key in reps:
-        torch.testing.assert_close(fast.ce[key], full.ce[key], rtol=0, atol=1e-5, msg=key)
-        torch.testing.assert_close(fast.kl[key], full.kl[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(fast.ce[key], full.ce[key], rtol=0, atol=tol, msg=key)
+        torch.testing.assert_close(fast.kl[key], full.kl[key], rtol=0, atol=tol, msg=key)
     assert fast.kl["noisy"].mean() > 1e-4  # a real perturbation is visible
     assert (fast.kl["noisy"] >= -1e-6).all()  # KL is non-negative up to float error
 

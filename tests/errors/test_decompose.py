@@ -168,8 +168,8 @@ def test_second_pass_metrics_equal_a_one_shot_reference(data):
         ref = ReconstructionAccumulator(codes.d_sae)
         ref.update(x, codes.x_hat(slice(None)), latents=latents)
         ref = ref.summary()
-        for key, value in ref.items():
-            assert part.metrics[key] == pytest.approx(value, rel=1e-9, abs=0), key  # the same float64 sums
+        for key, value in ref.items():  # float32 row dots (≲ 2e-7 of Σ|a_i b_i| each) summed in float64
+            assert part.metrics[key] == pytest.approx(value, rel=1e-6, abs=0), key
         assert part.tokens["l0"].tolist() == (val != 0).sum(1).tolist()
 
 

@@ -160,7 +160,7 @@ def test_interrupted_write_leaves_the_old_report(experiment, tmp_path, monkeypat
     def interrupted(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr("darkmatter.report.render.os.replace", interrupted)
+    monkeypatch.setattr("darkmatter.io.os.replace", interrupted)
     with pytest.raises(OSError, match="disk full"):
         render_report(experiment.paths, [], experiment.config, out=out)
     assert out.read_text() == "old" and not (tmp_path / "browser.html").exists()
