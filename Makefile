@@ -43,4 +43,6 @@ bench: setup
 	$(BIN)/python -m bench.harvest
 
 clean:
-	rm -rf results .snakemake
+	# Only what a run wrote: the committed published results stay.
+	git clean -fdX results reports
+	rm -rf .snakemake
