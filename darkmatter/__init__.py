@@ -25,6 +25,8 @@ _API = {
     # SAEs
     **dict.fromkeys(("Sae", "save_sae", "load_sae", "ARCHITECTURES", "SparseCodes", "encode", "sparse_codes"),
                     "darkmatter.sae"),
+    # inference-time refinement of an SAE's codes
+    "gradient_pursuit": "darkmatter.sae.pursuit",
     # splicing into the model
     **dict.fromkeys(("splice_losses", "percent_recovered", "ce_loss_score"), "darkmatter.downstream"),
     # data, configuration, result paths
