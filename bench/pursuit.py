@@ -6,12 +6,18 @@ iterations. Trials are interleaved (ref, fast, ref, fast, ...) and medians repor
 are noisy; the Gram matrix DDᵀ is timed separately (it is computed once per SAE and shared by all its tokens).
 The outputs are compared: supports equal per token, largest relative reconstruction gap.
 
+Peer, when installed: dictionary_learning's ``grad_pursuit`` (``pip install --no-deps dictionary-learning==0.1.0``;
+its package ``__init__`` imports nnsight, so its ``grad_pursuit.py`` is loaded from the file). It keeps an atom in
+the support once selected, even after its weight is clipped to 0, where the algorithm here (and the paper's
+description) restricts the gradient to {w ≠ 0} ∪ {new}; its supports therefore differ on tokens where a clip happens.
+
     python -m bench.pursuit [--widths 9216 16384] [--tokens 256] [--l0 32] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -40,6 +46,18 @@ def dictionaries(widths: list[int], d: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def dictionary_learning_peer():
+    """dictionary_learning's ``grad_pursuit(signal [b, d], dictionary [d, n], target_l0)``, or None if absent."""
+    spec = importlib.util.find_spec("dictionary_learning")  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "grad_pursuit.py"
+    module_spec = importlib.util.spec_from_file_location("_dl_grad_pursuit", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.grad_pursuit
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", type=int, nargs="+", default=[9216, 16384])
@@ -52,6 +70,9 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, 2 threads, float32, {args.tokens} tokens, "
           f"L0 = {args.l0}")
+    peer = dictionary_learning_peer()
+    if peer is None:
+        print("dictionary_learning is not installed: its grad_pursuit is left out of this run")
     results = {}
     for name, D in dictionaries(args.widths, args.d).items():
         x = torch.randn(args.tokens, D.shape[1], generator=torch.Generator().manual_seed(1)) * 2
@@ -59,8 +80,13 @@ def main() -> None:
         t0 = time.perf_counter()
         gram = D @ D.T
         gram_s = time.perf_counter() - t0
-        times: dict[str, list[float]] = {"reference": [], "gram_route": []}
+        contenders = ["reference", "gram_route"] + (["dictionary_learning"] if peer is not None else [])
+        times: dict[str, list[float]] = {k: [] for k in contenders}
         for _ in range(args.repeats):
+            if peer is not None:
+                t0 = time.perf_counter()
+                w_peer = peer(x - b_dec, D.T.contiguous(), target_l0=args.l0)
+                times["dictionary_learning"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             w_ref = gradient_pursuit_reference(x, D, b_dec, args.l0)
             times["reference"].append(time.perf_counter() - t0)
@@ -70,14 +96,21 @@ def main() -> None:
         w = torch.zeros_like(w_ref).scatter_add_(1, fast.indices, fast.values)
         gap = ((fast.x_hat - (w_ref @ D + b_dec)).norm(dim=1) / (x - b_dec).norm(dim=1)).max()
         med = {k: statistics.median(v) for k, v in times.items()}
-        results[name] = {"seconds": med, "gram_seconds": gram_s, "ratio": med["reference"] / med["gram_route"],
+        ratios = {k: v / med["gram_route"] for k, v in med.items() if k != "gram_route"}
+        results[name] = {"seconds": med, "gram_seconds": gram_s, "ratio": ratios["reference"], "ratios": ratios,
                          "tokens_per_s": {k: args.tokens / v for k, v in med.items()},
                          "same_support_fraction": float((w != 0).eq(w_ref != 0).all(1).float().mean()),
                          "max_relative_gap": float(gap)}
         r = results[name]
+        if peer is not None:
+            r["dictionary_learning_same_support_fraction"] = float((w_peer != 0).eq(w_ref != 0).all(1).float().mean())
         print(f"{name:>14}: reference {med['reference']:.2f} s, gram route {med['gram_route']:.2f} s "
               f"(+ Gram {gram_s:.2f} s once per SAE): {r['ratio']:.1f}x; same supports "
               f"{r['same_support_fraction']:.3f}, max relative x_hat gap {r['max_relative_gap']:.1e}", flush=True)
+        if peer is not None:
+            print(f"{'':>14}  dictionary_learning {med['dictionary_learning']:.2f} s: gram route "
+                  f"{ratios['dictionary_learning']:.1f}x faster; its supports equal the reference's on "
+                  f"{r['dictionary_learning_same_support_fraction']:.3f} of tokens", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
 
