@@ -18,8 +18,8 @@ _API = {
     **dict.fromkeys(("fit_linear", "heldout_r2", "r2_scores", "split_mask", "stream_moments", "Design"),
                     "darkmatter.regression"),
     # the linear / nonlinear error decomposition (one route, for one SAE or a family)
-    **dict.fromkeys(("decompose_error", "decompose_family", "error_parts", "error_components", "ErrorFit",
-                     "DenseReconstruction"), "darkmatter.errors.decompose"),
+    **dict.fromkeys(("decompose_error", "error_parts", "error_components"), "darkmatter.errors.parts"),
+    **dict.fromkeys(("decompose_family", "ErrorFit", "DenseReconstruction"), "darkmatter.errors.decompose"),
     # scaling laws
     **dict.fromkeys(("fit_power_law", "scaling_decomposition"), "darkmatter.errors.scaling"),
     # SAEs

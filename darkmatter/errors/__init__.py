@@ -1,16 +1,6 @@
 """The SAE error: metrics (each defined once), its split into a linear and a nonlinear part, how FVU scales."""
 
-from darkmatter.errors.decompose import (
-    DenseReconstruction,
-    ErrorDecomposition,
-    ErrorFit,
-    ErrorParts,
-    FamilyFit,
-    decompose_error,
-    decompose_family,
-    error_components,
-    error_parts,
-)
+from darkmatter.errors.decompose import DenseReconstruction, ErrorFit, FamilyFit, decompose_family
 from darkmatter.errors.metrics import (
     FvuAccumulator,
     LatentAccumulator,
@@ -22,6 +12,13 @@ from darkmatter.errors.metrics import (
     l2_ratio_per_token,
     nmse_per_token,
     token_sums,
+)
+from darkmatter.errors.parts import (
+    ErrorDecomposition,
+    ErrorParts,
+    decompose_error,
+    error_components,
+    error_parts,
 )
 from darkmatter.errors.scaling import PowerLawFit, fit_power_law, power_law, scaling_decomposition
 

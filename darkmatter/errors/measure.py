@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import save_file
 
 from darkmatter.data.activations import ActivationStore
-from darkmatter.errors.decompose import ErrorFit, ErrorParts, decompose_family, error_parts
+from darkmatter.errors.decompose import ErrorFit, decompose_family
+from darkmatter.errors.parts import ErrorParts, error_parts
 from darkmatter.io import InputError, atomic_dir, write_json
 from darkmatter.provenance import write_provenance
 from darkmatter.regression import save_moments, split_mask

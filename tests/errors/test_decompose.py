@@ -18,16 +18,9 @@ import torch
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 
-from darkmatter.errors.decompose import (
-    DenseReconstruction,
-    choose_method,
-    decompose_error,
-    decompose_family,
-    error_components,
-    error_parts,
-    sparse_pays,
-)
+from darkmatter.errors.decompose import DenseReconstruction, choose_method, decompose_family, sparse_pays
 from darkmatter.errors.metrics import ReconstructionAccumulator, fvu
+from darkmatter.errors.parts import decompose_error, error_components, error_parts
 from darkmatter.regression import TILE_ROWS, Design, heldout_r2, moments, split_mask
 from darkmatter.sae.codes import SparseCodes
 from tests.regression.test_regression import correlated, null_r2_tolerance
