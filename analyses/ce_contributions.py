@@ -20,7 +20,7 @@ from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import family_name, family_saes, in_family
-from darkmatter.downstream.ce import summarize_ce
+from darkmatter.downstream.ce import GLOBAL_CONDITIONS, SAE_CONDITIONS, summarize_ce
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ def _token_ce(ctx: AnalysisContext) -> pl.DataFrame:
         found = con.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'token_ce'").fetchall()
         if not found[0][0]:  # a store built before the CE stage existed
             return pl.DataFrame()
-        return con.sql("SELECT sae_id, condition, context, ce, kl FROM token_ce").pl()
+        # this analysis's conditions only (the store also holds e.g. the pursuit's, analysed in analyses/pursuit.py)
+        wanted = ", ".join(f"'{c}'" for c in (*GLOBAL_CONDITIONS, *SAE_CONDITIONS))
+        return con.sql(f"SELECT sae_id, condition, context, ce, kl FROM token_ce WHERE condition IN ({wanted})").pl()
 
 
 def with_increases(summary: pl.DataFrame) -> pl.DataFrame:

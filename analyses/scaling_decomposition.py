@@ -2,9 +2,11 @@
 
 FVU_total of the width family at fixed k is fitted as c + a·W^(−m) by nonlinear least squares with t intervals
 (darkmatter.errors.scaling) and stacked as in the paper's Figure 1: absent features (curve − c), linear error
-(c − mean FVU_nonlinear) and nonlinear error (FVU_nonlinear of the stored decomposition). Whether FVU_nonlinear is
-flat is read from the OLS slope of FVU_nonlinear on log2 width and its t interval; with fewer than 4 widths the law
-is not fitted and its numbers are NaN.
+(c − mean FVU_nonlinear) and nonlinear error (FVU_nonlinear of the stored decomposition), of which the encoder
+error is the share that gradient pursuit with the SAE's own decoder removes (mean over widths of FVU_nonlinear of the
+encoder minus that of the pursuit, on the pursued tokens; analyses/pursuit.py). Whether FVU_nonlinear is flat is
+read from the OLS slope of FVU_nonlinear on log2 width and its t interval; with fewer than 4 widths the law is not
+fitted and its numbers are NaN.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ PAPER_CLAIM = ("FVU_total follows c + a·W^(−m); FVU_nonlinear stays roughly c
                "under the asymptote c, so the dark matter is partly linearly predictable and partly not.")
 HEADLINE = ("c_fvu", "m", "fvu_nonlinear_mean", "fvu_nonlinear_slope_pct_of_mean_per_doubling")
 
-MEASURED = ["architecture", "k", "width", "sae_id", "seed", "l0_mean", "fvu", "fvu_nonlinear", "fvu_linear"]
+MEASURED = ["architecture", "k", "width", "sae_id", "seed", "l0_mean", "fvu", "fvu_nonlinear", "fvu_linear",
+            "encoder_error"]
 FIT = ["a", "a_ci_low", "a_ci_high", "c", "c_ci_low", "c_ci_high", "m", "m_ci_low", "m_ci_high", "residual_std"]
 REGIONS = ["fvu_fit", "absent_features", "linear_error", "nonlinear_error"]
 SLOPE = ["fvu_nonlinear_slope_per_doubling", "fvu_nonlinear_slope_ci_low", "fvu_nonlinear_slope_ci_high"]
@@ -69,7 +72,8 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
         schema = {c: pl.Float64 for c in MEASURED + FIT + REGIONS + SLOPE} | {
             "architecture": pl.Utf8, "sae_id": pl.Utf8, "note": pl.Utf8, "primary": pl.Boolean, "confidence": pl.Float64}
         return pl.DataFrame(schema=schema)
-    saes = saes.with_columns(pl.col("width").cast(pl.Int64), pl.col("k").cast(pl.Int64))
+    saes = saes.with_columns(pl.col("width").cast(pl.Int64), pl.col("k").cast(pl.Int64)).join(
+        _encoder_error(ctx), on="sae_id", how="left")
     groups = saes.partition_by(["architecture", "k"], maintain_order=True)
     table = pl.concat([_fit_group(g, level) for g in groups], how="vertical_relaxed")
     # The slice with the most widths is the headline (the config's width family has a single k by default).
@@ -81,10 +85,28 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
         *lead, pl.exclude(lead))
 
 
+def _encoder_error(ctx: AnalysisContext) -> pl.DataFrame:
+    """Per SAE, FVU_nonlinear of its encoder minus that of gradient pursuit with its decoder on the pursued tokens
+    (empty when the store has no pursuit comparison)."""
+    with ctx.connect() as con:
+        found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'pursuit_saes'"
+                            ).fetchall()
+        if not found[0][0]:
+            return pl.DataFrame(schema={"sae_id": pl.Utf8, "encoder_error": pl.Float64})
+        return con.sql("""SELECT sae_id, max(fvu_nonlinear) FILTER (method = 'encoder')
+                                         - max(fvu_nonlinear) FILTER (method = 'pursuit') AS encoder_error
+                          FROM pursuit_saes GROUP BY sae_id""").pl()
+
+
+def _mean_of(rows: pl.DataFrame, column: str) -> float:
+    """Mean of ``column`` over the widths (NaN when the store has none of its values)."""
+    values = rows[column].cast(pl.Float64).drop_nulls().drop_nans()
+    return float(values.mean()) if len(values) else math.nan  # type: ignore[arg-type]
+
+
 def _nonlinear_mean(rows: pl.DataFrame) -> float:
     """Mean FVU_nonlinear over the widths (NaN when the store has no decomposition for them)."""
-    values = rows["fvu_nonlinear"].cast(pl.Float64).drop_nulls().drop_nans()
-    return float(values.mean()) if len(values) else math.nan  # type: ignore[arg-type]
+    return _mean_of(rows, "fvu_nonlinear")
 
 
 def _verdict(value: float, low: float, high: float, below: str, above: str, inside: str) -> str:
@@ -117,6 +139,8 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         # compared with c's interval, not just its point estimate
         "fvu_nonlinear_below_c": _verdict(nl_mean, c_lo, c_hi, "no (above c)", "yes", "within the CI of c"),
         "note": first["note"],
+        # the part of the nonlinear error a better encoder (gradient pursuit) removes, where it was measured
+        **({"encoder_error_fvu": encoder} if math.isfinite(encoder := _mean_of(main, "encoder_error")) else {}),
     }
 
 
@@ -134,7 +158,14 @@ def plot(table: pl.DataFrame) -> dict[str, object]:
         grid = np.geomspace(widths.min(), widths.max(), 200)
         curve = power_law(grid, first["a"], first["c"], first["m"])
         nl_mean, c, g = _nonlinear_mean(main), first["c"], np.log2(grid)
-        ax.fill_between(g, 0, nl_mean, color=PALETTE["nonlinear error"], alpha=0.85, label="nonlinear error")
+        encoder = _mean_of(main, "encoder_error")
+        if math.isfinite(encoder) and encoder > 0:  # a band only for a removal; a rise is in the pursuit section
+            ax.fill_between(g, 0, nl_mean - encoder, color=PALETTE["nonlinear error"], alpha=0.85,
+                            label="nonlinear error")
+            ax.fill_between(g, nl_mean - encoder, nl_mean, color=PALETTE["pursuit"], alpha=0.9,
+                            label="encoder error (removed by gradient pursuit)")
+        else:
+            ax.fill_between(g, 0, nl_mean, color=PALETTE["nonlinear error"], alpha=0.85, label="nonlinear error")
         ax.fill_between(g, nl_mean, c, color=PALETTE["linear error"], alpha=0.85, label="linear error")
         ax.fill_between(g, c, curve, color=PALETTE["absent features"], alpha=0.9, label="absent features")
         ax.plot(g, curve, color=PALETTE["total"], lw=1.2, label=f"fit c + a·W^(−m), m={first['m']:.2f}")

@@ -172,6 +172,39 @@ def cmd_measure_ce(args: argparse.Namespace) -> None:
                          min_pos=harvest.min_pos, params=params)
 
 
+def cmd_pursue(args: argparse.Namespace) -> None:
+    from darkmatter.config import ConfigSlice, PursuitConfig
+    from darkmatter.errors.pursuit import pursue_to_folder
+
+    params = _params(args)
+    gp = ConfigSlice(PursuitConfig, params["pursuit"], "params.pursuit")
+    pursue_to_folder(args.sae, args.codes, args.activations, args.hook, Path(args.out), contexts=gp.contexts,
+                     seed=gp.seed, l0_multiple=gp.l0_multiple, l0=gp.l0, params=params)
+
+
+def cmd_measure_pursuit(args: argparse.Namespace) -> None:
+    from darkmatter.config import ConfigSlice, DecompositionConfig
+    from darkmatter.errors.pursuit import measure_pursuit
+
+    params = _params(args)
+    dc = ConfigSlice(DecompositionConfig, params["decomposition"], "params.decomposition")
+    measure_pursuit(args.saes, args.codes, args.pursuits, args.activations, args.hook, Path(args.out),
+                    fit_tokens=dc.fit_tokens, seed=dc.seed, intercept=dc.intercept, ridge=dc.ridge, params=params)
+
+
+def cmd_measure_pursuit_ce(args: argparse.Namespace) -> None:
+    from darkmatter.config import ConfigSlice, DownstreamConfig, HarvestConfig, PursuitConfig
+    from darkmatter.downstream.ce import measure_pursuit_ce_to_folder
+
+    params = _params(args)
+    ds = ConfigSlice(DownstreamConfig, params["downstream"], "params.downstream")
+    harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
+    gp = ConfigSlice(PursuitConfig, params["pursuit"], "params.pursuit")
+    measure_pursuit_ce_to_folder(read_json(args.model)["path"], Path(args.tokens), args.sae, args.hook,
+                                 Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts,
+                                 min_pos=harvest.min_pos, l0_multiple=gp.l0_multiple, l0=gp.l0, params=params)
+
+
 def cmd_build_database(args: argparse.Namespace) -> None:
     from darkmatter.config import from_dict
     from darkmatter.config.sections import SaeFamilyConfig
@@ -238,6 +271,19 @@ def parser() -> argparse.ArgumentParser:
                 ("--errors", "the hook's errors folder (linear maps, x moments)"), ("--hook", "the hook"),
                 ("--out", "the CE folder to write"))
     p.add_argument("--saes", nargs="+", required=True, help="the SAE folders")
+    command("pursue", "gradient-pursuit codes of a subset of eval tokens with one SAE's decoder", params,
+            ("--sae", "an SAE folder in any supported format"), ("--codes", "its codes folder (each token's L0)"),
+            ("--activations", "the eval activation folder"), ("--hook", "the hook"),
+            ("--out", "the pursuit codes folder to write"))
+    p = command("measure-pursuit", "the encoder's and the pursuit's errors of every SAE on the pursued tokens",
+                params, ("--activations", "the eval activation folder"), ("--hook", "the hook"),
+                ("--out", "the hook's pursuit errors folder to write"))
+    p.add_argument("--saes", nargs="+", required=True, help="the SAE folders")
+    p.add_argument("--codes", nargs="+", required=True, help="their codes folders, in the same order")
+    p.add_argument("--pursuits", nargs="+", required=True, help="their pursuit codes folders, in the same order")
+    command("measure-pursuit-ce", "CE and KL with one SAE's gradient-pursuit reconstruction spliced in", params,
+            ("--model", "model.json"), ("--tokens", "the eval contexts' tokens (.npy)"), ("--sae", "the SAE folder"),
+            ("--hook", "the hook"), ("--out", "the pursuit CE folder to write"))
     command("build-database", "the experiment's DuckDB store (its only writer)", params,
             ("--out", "the store to write, results/<exp>/darkmatter.duckdb"))
     p = command("render-report", "reports/<exp>/index.html and browser.html beside it", params,

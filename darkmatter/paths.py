@@ -11,7 +11,11 @@
       errors/<hook>/                       measure_errors, one folder per hook: split.npy, design.safetensors and
       errors/<hook>/<sae_id>/                per SAE metrics.json, linear_map.safetensors, token_errors.parquet,
                                              test_sums.safetensors
+      pursuit/codes/<hook>/<sae_id>/       pursue: gradient-pursuit codes of a subset of eval tokens (+ rows.npy)
+      pursuit/errors/<hook>/               measure_pursuit: encoder/<sae_id>/ and pursuit/<sae_id>/ error folders
+                                             on those tokens (b* refitted for each)
       ce/                                  measure_ce: token_ce.parquet, summary.parquet
+      pursuit/ce/                          measure_pursuit_ce: token_ce.parquet of the widest SAE's pursuit
       darkmatter.duckdb                    build_database: the queryable per-token store
       analyses/<name>/                     run_analysis: table.parquet, summary.json, figures, meta.json
       logs/                                one log per step
@@ -87,6 +91,16 @@ class ExperimentPaths:
 
     def sae_errors(self, hook: str, sae_id: str) -> Path:
         return self.errors(hook) / sae_id
+
+    def pursuit_codes(self, hook: str, sae_id: str) -> Path:
+        return self.root / "pursuit" / "codes" / hook / sae_id
+
+    def pursuit_errors(self, hook: str) -> Path:
+        return self.root / "pursuit" / "errors" / hook
+
+    @property
+    def pursuit_ce(self) -> Path:
+        return self.root / "pursuit" / "ce"
 
     # ------------------------------------------------------------------------------------------ downstream
     @property

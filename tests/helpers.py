@@ -257,7 +257,7 @@ PROSE = ("The Congress of 1861 met in <special> session & voted 42 to 17 on the 
          "Mr. Lincoln said the nation could not endure half slave and half free . ")
 CODE = "def f(x):\n    if x < 3 and x > 0:\n        return x * 2  # </script>\n    return None\n\n"
 REPORT_SAE_IDS = ("topk-w64-k4-s0", "topk-w128-k4-s0", "topk-w256-k4-s0")
-REPORT_ANALYSES = ("error_predictability", "per_token_shares", "pursuit")  # the last one is never run
+REPORT_ANALYSES = ("error_predictability", "per_token_shares", "unfinished")  # the last one is never run
 
 
 @dataclass(frozen=True)

@@ -89,3 +89,29 @@ def subsample(n_rows: int, n: int, seed: int) -> np.ndarray:
     if n >= n_rows:
         return np.arange(n_rows)
     return np.sort(np.random.default_rng(seed).choice(n_rows, n, replace=False))
+
+
+def percentile_interval(draws: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of resampled values ``draws`` [B, ...] at ``confidence`` (NaN draws ignored; NaN where
+    none is finite)."""
+    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+    if not len(draws):
+        nan = np.full(np.shape(draws)[1:], np.nan)
+        return nan, nan
+    with warnings.catch_warnings():  # an all-NaN column: NaN, said by the caller
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanquantile(draws, tails, axis=0)
+    return low, high
+
+
+def pooled_fvu(sse: np.ndarray, n: np.ndarray, x_sum: np.ndarray, x_sq: np.ndarray,
+               weights: np.ndarray | None = None) -> np.ndarray:
+    """Pooled FVU = Σ sse / Σ‖x − x̄‖² from per-group sums, for each resample of groups.
+
+    ``sse`` [G, m] (m error sums per group), ``n`` [G] tokens, ``x_sum`` [G, d] Σx, ``x_sq`` [G] Σ‖x‖²;
+    ``weights`` [B, G] group multiplicities (:func:`multiplicities`; None: every group once). Returns [B, m]
+    (B = 1 without weights). Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/N, in float64, with x̄ the resample's own mean.
+    """
+    w = np.ones((1, len(n))) if weights is None else np.asarray(weights, dtype=np.float64)
+    total_ss = w @ x_sq - ((w @ x_sum) ** 2).sum(1) / (w @ n)
+    return (w @ sse) / total_ss[:, None]

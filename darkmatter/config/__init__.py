@@ -17,6 +17,7 @@ from darkmatter.config.sections import (
     ModelConfig,
     PerTokenScalingOptions,
     ProbeMechanismOptions,
+    PursuitConfig,
     RandomModelConfig,
     SaeFamilyConfig,
     SaeTrainingConfig,
@@ -28,7 +29,7 @@ from darkmatter.config.validate import hook_layer, load_config, model_n_layers, 
 __all__ = [
     "ANALYSES", "STEP_KEYS", "AnalysisConfig", "ConfigError", "ConfigSlice", "CorpusConfig", "DecompositionConfig",
     "DownstreamConfig", "ExperimentConfig", "HarvestConfig", "ModelConfig", "PerTokenScalingOptions",
-    "ProbeMechanismOptions", "RandomModelConfig", "SaeFamilyConfig", "SaeTrainingConfig",
+    "ProbeMechanismOptions", "PursuitConfig", "RandomModelConfig", "SaeFamilyConfig", "SaeTrainingConfig",
     "SyntheticValidationOptions", "from_dict", "hook_layer", "load_config", "model_n_layers", "stable_hash",
     "step_params", "step_slice", "to_dict", "validate",
 ]

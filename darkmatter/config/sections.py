@@ -150,6 +150,22 @@ class DownstreamConfig:
 
 
 @dataclass(frozen=True)
+class PursuitConfig:
+    """Gradient pursuit with each SAE's own decoder (docs/science.md, experiment 10; darkmatter.errors.pursuit).
+
+    It runs on ``contexts`` eval contexts drawn with ``seed`` (null: every eval context): its cost per token grows
+    as L0²·d_sae, about 28 min for all 247k default eval tokens on 2 AVX2 cores, so the default takes a fifth. Each
+    token runs its encoder L0 times ``l0_multiple`` iterations, or ``l0`` for every token when that is set. The
+    widest SAE's pursuit reconstruction is also spliced into the ``downstream.contexts`` for its CE.
+    """
+
+    contexts: int | None = 60
+    seed: int = 0
+    l0_multiple: int = 1
+    l0: int | None = None
+
+
+@dataclass(frozen=True)
 class PerTokenScalingOptions:
     """analyses/per_token_scaling.py: ``trace_tokens`` consecutive tokens of one typical context are traced."""
 
@@ -198,6 +214,7 @@ ANALYSES = (
     "synthetic_validation",
     "probe_mechanism",
     "ce_contributions",
+    "pursuit",
 )
 
 
@@ -228,6 +245,7 @@ class ExperimentConfig:
     )
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    pursuit: PursuitConfig = field(default_factory=PursuitConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     @property

@@ -112,6 +112,11 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     _require(1 <= ds.contexts <= h.eval_contexts, where, "downstream.contexts",
              f"between 1 and harvest.eval_contexts ({h.eval_contexts})", ds.contexts)
     _require(ds.batch_contexts >= 1, where, "downstream.batch_contexts", ">= 1", ds.batch_contexts)
+    gp = cfg.pursuit
+    _require(gp.contexts is None or 1 <= gp.contexts <= h.eval_contexts, where, "pursuit.contexts",
+             f"null or between 1 and harvest.eval_contexts ({h.eval_contexts})", gp.contexts)
+    _require(gp.l0_multiple >= 1, where, "pursuit.l0_multiple", ">= 1", gp.l0_multiple)
+    _require(gp.l0 is None or gp.l0 >= 0, where, "pursuit.l0", "null or >= 0", gp.l0)
     _require(an.per_token_scaling.trace_tokens >= 1, where, "analysis.per_token_scaling.trace_tokens", ">= 1",
              an.per_token_scaling.trace_tokens)
     sv, pm = an.synthetic_validation, an.probe_mechanism

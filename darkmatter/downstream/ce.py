@@ -5,6 +5,7 @@ from the hook onwards (:func:`darkmatter.downstream.splice.splice_losses`). Cond
 
 - ``clean``; ``zero`` (zero ablation, the ecosystem's CE-score baseline); ``mean`` (mean ablation);
 - per SAE: ``sae`` = Sae(x); ``sae+linear`` = Sae(x) + LinearError(x); ``sae+nonlinear`` = Sae(x) + NonlinearError(x),
+- and, in a step of its own for the widest SAE, ``pursuit`` = its gradient-pursuit reconstruction (experiment 10),
 
 with LinearError(x) = x·b* + c (the fitted map of ``darkmatter.errors.decompose``) and NonlinearError = x − Sae(x) − LinearError.
 """
@@ -73,13 +74,13 @@ def context_subset(n_contexts: int, n: int) -> np.ndarray:
 
 
 def measure_ce(model: torch.nn.Module, tokens: np.ndarray, contexts: np.ndarray, hook: str, min_pos: int,
-               saes: Mapping[str, SplicedSae], mean: Tensor, batch_contexts: int = 2,
+               reps: Mapping[str, Callable[[Tensor], Tensor]], batch_contexts: int = 2,
                progress: bool = True) -> pl.DataFrame:
-    """Per-token CE and KL(clean ‖ spliced) for every condition on the chosen eval ``contexts``.
+    """Per-token CE and KL(clean ‖ spliced) for the clean pass and every replacement in ``reps`` (keyed
+    ``"<condition>"`` or ``"<sae_id>|<condition>"``, e.g. :func:`conditions`) on the chosen eval ``contexts``.
 
     Returns a long table: sae_id ('' for global conditions), condition, context, position, ce, kl (nats).
     """
-    reps = conditions(saes, mean)
     frames = []
     bar = tqdm(total=len(contexts) * tokens.shape[1], unit="tok", unit_scale=True, disable=not progress,
                desc="splice CE")
@@ -126,6 +127,17 @@ def summarize_ce(per_token: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, params: Any, started: float) -> None:
+    from darkmatter.io import atomic_dir
+    from darkmatter.provenance import write_provenance
+
+    with atomic_dir(out) as tmp:
+        table.write_parquet(tmp / "token_ce.parquet")
+        if summary is not None:
+            summary.write_parquet(tmp / "summary.parquet")
+        write_provenance(tmp, params, started=started)
+
+
 def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook: str, sae_dirs: Sequence[str],
                          out: Path, *, contexts: int, batch_contexts: int, min_pos: int, params: Any = None) -> None:
     """The ``measure_ce`` step: load the model, the SAEs and their linear maps (``errors`` = the hook's folder of
@@ -134,8 +146,6 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
 
     from darkmatter.data.models import load_model
     from darkmatter.errors.measure import DESIGN, LINEAR_MAP
-    from darkmatter.io import atomic_dir
-    from darkmatter.provenance import write_provenance
     from darkmatter.regression import load_moments
     from darkmatter.sae.formats import load_sae
 
@@ -151,9 +161,27 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
         sae, lin = load_sae(sae_dir), load_file(str(Path(errors) / sae_id / LINEAR_MAP))
         saes[sae_id] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
     chosen = context_subset(len(tokens), contexts)
-    table = measure_ce(model, tokens, chosen, hook, min_pos, saes, mean, batch_contexts=batch_contexts)
-    with atomic_dir(out) as tmp:
-        table.write_parquet(tmp / "token_ce.parquet")
-        summarize_ce(table).write_parquet(tmp / "summary.parquet")
-        write_provenance(tmp, params, started=started)
+    table = measure_ce(model, tokens, chosen, hook, min_pos, conditions(saes, mean), batch_contexts=batch_contexts)
+    _write_ce(out, table, summarize_ce(table), params, started)
     log.info("CE on %d contexts for %d SAEs in %.0f s", len(chosen), len(saes), time.time() - started)
+
+
+def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: str, hook: str, out: Path, *,
+                                 contexts: int, batch_contexts: int, min_pos: int, l0_multiple: int = 1,
+                                 l0: int | None = None, params: Any = None) -> None:
+    """The ``measure_pursuit_ce`` step: CE and KL with one SAE's gradient-pursuit reconstruction spliced in
+    (condition ``pursuit``; darkmatter.errors.pursuit) on the contexts of ``measure_ce``; writes token_ce.parquet
+    (its clean rows equal measure_ce's) into ``out``."""
+    from darkmatter.data.models import load_model
+    from darkmatter.errors.pursuit import pursuit_reconstruction
+    from darkmatter.sae.formats import load_sae
+
+    started = time.time()
+    model, _ = load_model(model_path)
+    tokens = np.load(tokens_path)
+    fn = pursuit_reconstruction(load_sae(sae_dir), l0_multiple=l0_multiple, l0=l0)
+    chosen = context_subset(len(tokens), contexts)
+    table = measure_ce(model, tokens, chosen, hook, min_pos, {f"{Path(sae_dir).name}|pursuit": _flat(fn)},
+                       batch_contexts=batch_contexts)
+    _write_ce(out, table, None, params, started)
+    log.info("pursuit CE on %d contexts for %s in %.0f s", len(chosen), Path(sae_dir).name, time.time() - started)

@@ -148,22 +148,31 @@ def sparse_codes(sae: Sae, x: ArrayLike, **kwargs: Any) -> SparseCodes:
     return SparseCodes(idx, val, sae.W_dec.detach(), sae.b_dec.detach())
 
 
+def save_codes(out: Path, indices: np.ndarray, values: np.ndarray, record: dict[str, Any], params: Any = None,
+               started: float | None = None, **arrays: np.ndarray) -> None:
+    """Write a codes folder (module docstring) atomically: the codes, ``record`` as codes.json, provenance, and any
+    further ``arrays`` as <name>.npy (e.g. the eval rows a subset of codes belongs to)."""
+    from darkmatter.provenance import write_provenance
+
+    with atomic_dir(Path(out)) as tmp:
+        np.save(tmp / INDICES, indices)
+        np.save(tmp / VALUES, values)
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+        write_json(tmp / META, record)
+        write_provenance(tmp, params, started=started)
+
+
 def encode_to_folder(sae: Sae, x: ArrayLike, out: Path, meta: dict[str, Any], params: Any = None,
                      progress: bool = True) -> dict[str, Any]:
     """Encode ``x`` and write the codes folder (module docstring) atomically; returns codes.json."""
-    from darkmatter.provenance import write_provenance
-
     started = time.time()
     idx, val = encode(sae, x, progress=progress, desc=f"encode {meta.get('sae_id', '')}")
     seconds = time.time() - started
     record = {**meta, "architecture": sae.architecture, "d_sae": sae.d_sae, "k": sae.k, "rows": int(idx.shape[0]),
               "width": int(idx.shape[1]), "seconds": round(seconds, 2),
               "tokens_per_s": round(idx.shape[0] / max(seconds, 1e-9), 1)}
-    with atomic_dir(Path(out)) as tmp:
-        np.save(tmp / INDICES, idx)
-        np.save(tmp / VALUES, val)
-        write_json(tmp / META, record)
-        write_provenance(tmp, params, started=started)
+    save_codes(out, idx, val, record, params, started)
     log.info("encoded %d tokens with %s in %.1f s (%.0f tok/s)", idx.shape[0], meta.get("sae_id"), seconds,
              record["tokens_per_s"])
     return record

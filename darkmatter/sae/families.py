@@ -87,3 +87,11 @@ def expand_families(families: Sequence[SaeFamilyConfig], primary_hook: str) -> l
                     if fam.name not in names:
                         names.append(fam.name)
     return [SaeMember(hook, spec, tuple(names)) for (hook, spec), names in members.items()]
+
+
+def widest(members: Sequence[SaeMember]) -> SaeMember:
+    """The member with the most latents (the sparsest, then the lowest seed, among equals): the one SAE of a hook
+    that the single-SAE experiments (the pursuit's CE) study."""
+    if not members:
+        raise ValueError("no SAEs to choose the widest from.")
+    return min(members, key=lambda m: (-m.spec.d_sae, m.spec.k, m.spec.seed))

@@ -7,7 +7,7 @@ analyses can run in parallel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import duckdb
@@ -37,12 +37,17 @@ def _literal(text: str) -> str:
 
 
 def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
-                   token_error_shards: Sequence[str | Path], token_ce: pl.DataFrame | None = None) -> Path:
-    """Create the DuckDB file at ``path`` from the token and SAE tables, per-SAE Parquet shards and CE rows."""
+                   token_error_shards: Sequence[str | Path], token_ce: pl.DataFrame | None = None,
+                   pursuit_saes: pl.DataFrame | None = None,
+                   pursuit_error_shards: Mapping[str, Sequence[str | Path]] | None = None) -> Path:
+    """Create the DuckDB file at ``path`` from the token and SAE tables, per-SAE Parquet shards and CE rows;
+    ``pursuit_saes`` and ``pursuit_error_shards`` (method → per-SAE shards): the gradient-pursuit comparison."""
     path = Path(path)
     frames = {"tokens": _check_columns("tokens", tokens), "saes": _check_columns("saes", saes)}
     if token_ce is not None:
         frames["token_ce"] = _check_columns("token_ce", token_ce)
+    if pursuit_saes is not None:
+        frames["pursuit_saes"] = _check_columns("pursuit_saes", pursuit_saes)
     cols = ", ".join(c.name for c in TABLES["token_errors"])
     with atomic_file(path) as tmp, duckdb.connect(str(tmp)) as con:
         for name in TABLES:
@@ -55,6 +60,10 @@ def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
         if token_error_shards:
             files = [str(p) for p in token_error_shards]
             con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])
+        for method, shards in (pursuit_error_shards or {}).items():
+            if shards:
+                con.execute(f"INSERT INTO pursuit_errors SELECT ? AS method, {cols} FROM read_parquet(?)",
+                            [method, [str(p) for p in shards]])
         for view, (doc, sql) in VIEWS.items():
             con.execute(f"CREATE VIEW {view} AS {sql}")
             con.execute(f"COMMENT ON VIEW {view} IS {_literal(doc)}")
@@ -81,14 +90,22 @@ def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFami
     from darkmatter.errors.measure import METRICS, TOKEN_ERRORS
     from darkmatter.io import read_json
     from darkmatter.sae.families import expand_families
-    from darkmatter.store.tables import saes_table, tokens_table
+    from darkmatter.store.tables import METHODS, pursuit_table, saes_table, tokens_table
 
     members = expand_families(families, primary_hook)
     tokenizer = tokenizer or load_tokenizer(read_json(paths.model_json)["path"])
     tokens = tokens_table(ActivationStore(paths.activations("eval")), paths.contexts("eval"), tokenizer)
     ce_summary, token_ce = (paths.ce / "summary.parquet", paths.ce / "token_ce.parquet")
+    # the pursuit comparison, where it was run (folders: pursuit/errors/<hook>/<method>/<sae_id>/)
+    pursued = {method: [paths.pursuit_errors(m.hook) / method / m.sae_id for m in members] for method in METHODS}
+    pursued = {method: [f for f in folders if (f / METRICS).is_file()] for method, folders in pursued.items()}
+    pursuit = pursuit_table({method: [f / METRICS for f in folders] for method, folders in pursued.items()})
     saes = saes_table(members, [paths.sae_errors(m.hook, m.sae_id) / METRICS for m in members],
-                      pl.read_parquet(ce_summary) if ce_summary.is_file() else None)
+                      pl.read_parquet(ce_summary) if ce_summary.is_file() else None, pursuit)
+    ce_rows = [pl.read_parquet(token_ce)] if token_ce.is_file() else []
+    if (paths.pursuit_ce / "token_ce.parquet").is_file():  # its clean rows repeat measure_ce's
+        ce_rows.append(pl.read_parquet(paths.pursuit_ce / "token_ce.parquet").filter(pl.col("condition") != "clean"))
     return build_database(out or paths.database, tokens, saes,
                           [paths.sae_errors(m.hook, m.sae_id) / TOKEN_ERRORS for m in members],
-                          pl.read_parquet(token_ce) if token_ce.is_file() else None)
+                          pl.concat(ce_rows) if ce_rows else None, pursuit,
+                          {method: [f / TOKEN_ERRORS for f in folders] for method, folders in pursued.items()})

@@ -49,6 +49,25 @@ SAES = (
     Column("ce_loss_score", "DOUBLE",
            "(CE_zero - CE_sae) / (CE_zero - CE_clean) on the CE contexts (zero-ablation baseline); NULL if not spliced"),
     Column("kl_sae", "DOUBLE", "mean KL(clean || spliced Sae(x)) per scored token, nats; NULL if not spliced"),
+    Column("pursuit_fvu", "DOUBLE",
+           "FVU of the gradient-pursuit reconstruction on the pursued eval tokens (pursuit_saes has the encoder's "
+           "on the same tokens); NULL if not pursued"),
+    Column("pursuit_fvu_nonlinear", "DOUBLE",
+           "FVU_nonlinear of the pursuit reconstruction, b* refitted on its error with the same split; NULL if not "
+           "pursued"),
+)
+
+PURSUIT_SAES = (
+    Column("sae_id", "VARCHAR", "SAE identifier (joins saes.sae_id)"),
+    Column("method", "VARCHAR", "encoder (the SAE's own codes) | pursuit (gradient pursuit with its decoder)"),
+    Column("tokens", "BIGINT", "eval tokens measured (the pursued subset; the same for both methods)"),
+    Column("fvu", "DOUBLE", "pooled FVU on those tokens"),
+    Column("fvu_linear", "DOUBLE", "fvu - fvu_nonlinear"),
+    Column("fvu_nonlinear", "DOUBLE", "FVU(x, x_hat + LinearError(x)), b* fitted on this method's error"),
+    Column("r2_vector_mean_dims", "DOUBLE", "held-out R^2 of this method's error vector from x, mean over dims"),
+    Column("r2_norm_sq", "DOUBLE", "held-out R^2 of this method's squared error norm from x"),
+    Column("l0_mean", "DOUBLE", "mean active latents per token (pursuit: atoms with nonzero weight)"),
+    Column("seconds", "DOUBLE", "wall time of the pursuit of these tokens; NULL for the encoder"),
 )
 
 TOKEN_ERRORS = (
@@ -65,9 +84,18 @@ TOKEN_ERRORS = (
     Column("nonlinear_error_norm", "FLOAT", "||NonlinearError(x)|| = ||SaeError(x) - LinearError(x)||"),
 )
 
+PURSUIT_ERRORS = (
+    Column("method", "VARCHAR", "encoder | pursuit (as in pursuit_saes)"),
+    *TOKEN_ERRORS[:2],
+    Column("fit", "BOOLEAN", "true on the fit rows of this method's b* (the decomposition's split, restricted)"),
+    *TOKEN_ERRORS[3:],
+)
+
 TOKEN_CE = (
     Column("sae_id", "VARCHAR", "SAE identifier; '' for SAE-independent conditions (clean, zero, mean)"),
-    Column("condition", "VARCHAR", "clean | zero | mean | sae | sae+linear | sae+nonlinear (what replaced x at the hook)"),
+    Column("condition", "VARCHAR",
+           "clean | zero | mean | sae | sae+linear | sae+nonlinear | pursuit (what replaced x at the hook; pursuit: the "
+           "gradient-pursuit reconstruction, widest SAE only)"),
     Column("context", "INTEGER", "eval context (joins tokens.context)"),
     Column("position", "INTEGER", "position whose next-token prediction is scored (>= min_pos)"),
     Column("ce", "FLOAT", "next-token cross-entropy with the replacement spliced in, nats"),
@@ -76,6 +104,7 @@ TOKEN_CE = (
 
 TABLES: dict[str, tuple[Column, ...]] = {
     "tokens": TOKENS, "saes": SAES, "token_errors": TOKEN_ERRORS, "token_ce": TOKEN_CE,
+    "pursuit_saes": PURSUIT_SAES, "pursuit_errors": PURSUIT_ERRORS,
 }
 
 VIEWS: dict[str, tuple[str, str]] = {

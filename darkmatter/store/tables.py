@@ -7,7 +7,7 @@ Each function reads one kind of artifact and returns a polars frame with the col
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,9 @@ import polars as pl
 
 from darkmatter.data.activations import ActivationStore
 from darkmatter.sae.families import SaeMember
-from darkmatter.store.schema import SAES
+from darkmatter.store.schema import PURSUIT_SAES, SAES
+
+METHODS = ("encoder", "pursuit")  # the pursuit comparison's two codes of the same tokens
 
 
 def tokens_table(store: ActivationStore, contexts_parquet: Path, tokenizer) -> pl.DataFrame:
@@ -29,10 +31,25 @@ def tokens_table(store: ActivationStore, contexts_parquet: Path, tokenizer) -> p
             .with_columns(pl.col("loss").fill_nan(None)).sort("row"))
 
 
+def pursuit_table(metrics: Mapping[str, Sequence[Path]]) -> pl.DataFrame:
+    """One row per SAE and method (:data:`METHODS`) from the metrics.json of darkmatter.errors.pursuit's folders
+    (``metrics``: method → files); columns of :data:`darkmatter.store.schema.PURSUIT_SAES`."""
+    rows = []
+    for method, paths in metrics.items():
+        for path in paths:
+            m = json.loads(Path(path).read_text())
+            rows.append({"sae_id": m["sae_id"], "method": method, "tokens": m["n_tokens"],
+                         **{c: m.get(c) for c in ("fvu", "fvu_linear", "fvu_nonlinear", "r2_vector_mean_dims",
+                                                  "r2_norm_sq", "l0_mean")},
+                         "seconds": m.get("pursuit_seconds")})
+    schema = {c.name: {"VARCHAR": pl.Utf8, "BIGINT": pl.Int64}.get(c.sql_type, pl.Float64) for c in PURSUIT_SAES}
+    return pl.DataFrame(rows, schema=schema)
+
+
 def saes_table(members: Sequence[SaeMember], metrics: Sequence[Path],
-               ce_summary: pl.DataFrame | None = None) -> pl.DataFrame:
+               ce_summary: pl.DataFrame | None = None, pursuit: pl.DataFrame | None = None) -> pl.DataFrame:
     """One row per SAE: identity (from the config), its metrics.json (eval metrics and decomposition results,
-    darkmatter.errors.measure), CE score and KL."""
+    darkmatter.errors.measure), CE score and KL, and its pursuit's FVUs (:func:`pursuit_table`) where run."""
     identity = ("sae_id", "hook", "families", "architecture", "width", "k", "seed")
     rows = []
     for member, metrics_path in zip(members, metrics, strict=True):
@@ -46,6 +63,10 @@ def saes_table(members: Sequence[SaeMember], metrics: Sequence[Path],
     table = pl.DataFrame(rows)
     if ce_summary is not None and ce_summary.height:
         table = table.join(ce_summary.select("sae_id", "ce_loss_score", "kl_sae"), on="sae_id", how="left")
+    if pursuit is not None and pursuit.height:
+        table = table.join(pursuit.filter(pl.col("method") == "pursuit").select(
+            "sae_id", pl.col("fvu").alias("pursuit_fvu"), pl.col("fvu_nonlinear").alias("pursuit_fvu_nonlinear")),
+            on="sae_id", how="left")
     for col in SAES:
         if col.name not in table.columns:
             table = table.with_columns(pl.lit(None, dtype=pl.Float64).alias(col.name))

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from darkmatter.downstream.ce import SplicedSae, context_subset, measure_ce, summarize_ce
+from darkmatter.downstream.ce import SplicedSae, conditions, context_subset, measure_ce, summarize_ce
 
 D = 32
 
@@ -27,8 +27,8 @@ def test_planted_linear_error_is_fully_recovered(llama):
         "half": SplicedSae(lambda x: x @ half, half, torch.zeros(D)),
         "noisy": SplicedSae(lambda x: x @ (torch.eye(D) + noise), -noise, torch.zeros(D)),
     }
-    table = measure_ce(model, _tokens(), context_subset(6, 4), "blocks.1.hook_resid_post", 8, saes,
-                       torch.zeros(D), progress=False)
+    table = measure_ce(model, _tokens(), context_subset(6, 4), "blocks.1.hook_resid_post", 8,
+                       conditions(saes, torch.zeros(D)), progress=False)
     assert table.height == 4 * 31 * (3 + 3 * 2)  # contexts x scored positions x conditions
     summary = {r["sae_id"]: r for r in summarize_ce(table).iter_rows(named=True)}
     for sae_id in saes:  # in both, the planted map is the exact error: Sae + LinearError = x

@@ -106,8 +106,8 @@ def test_index_page_in_chromium(browser, rendered):
     images = browser.js("[...document.images].map(i => [i.dataset.figure, i.complete, i.naturalWidth])")
     assert sorted(name for name, _, _ in images) == ["fvu", "r2_norm_sq", "shares"]
     assert all(complete and width > 0 for _, complete, width in images), images
-    assert browser.js("document.getElementById('analysis-pursuit').dataset.status") == "not run"
-    assert "not run" in browser.js("document.getElementById('analysis-pursuit').innerText")
+    assert browser.js("document.getElementById('analysis-unfinished').dataset.status") == "not run"
+    assert "not run" in browser.js("document.getElementById('analysis-unfinished').innerText")
     browser.click('nav.toc a[href="#saes"]')
     assert browser.js("location.hash") == "#saes"
     assert browser.js("document.querySelector('#browser a.button').getAttribute('href')") == "browser.html"

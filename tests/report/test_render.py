@@ -96,7 +96,7 @@ def test_report_has_every_section_figure_and_number(experiment):
             assert img["src"].startswith(prefix) and base64.b64decode(img["src"][len(prefix):]) == png.read_bytes()
     # A table longer than 15 rows is cut, and says so; strings are escaped, never interpreted.
     assert "first 15 of 36 rows" in page.text["analysis-per_token_shares"]
-    assert html.count("<tr>", html.index('id="analysis-per_token_shares"'), html.index('id="analysis-pursuit"')) == 16
+    assert html.count("<tr>", html.index('id="analysis-per_token_shares"'), html.index('id="analysis-unfinished"')) == 16
     assert "synthetic &lt;data&gt; &amp; co" in html and "<data>" not in html
     # The SAE table lists every SAE with its dead % (fraction x 100) and FVU.
     saes = page.text["saes"]
@@ -136,11 +136,11 @@ def test_missing_analyses_show_not_run(experiment, tmp_path):
     broken.mkdir(exist_ok=True)
     (broken / "summary.json").write_text("{}")
     out = tmp_path / "index.html"
-    render_report(experiment.paths, ["pursuit", "half_written", "error_predictability"], experiment.config,
+    render_report(experiment.paths, ["unfinished", "half_written", "error_predictability"], experiment.config,
                   out=out)
     page = Page(out.read_text())
     assert [a["data-status"] for a in page.find("section", **{"class": "analysis not-run"})] == ["not run"] * 2
-    assert "no output folder" in page.text["analysis-pursuit"]
+    assert "no output folder" in page.text["analysis-unfinished"]
     assert "incomplete outputs" in page.text["analysis-half_written"]
     assert page.find("section", id="analysis-error_predictability", **{"data-status": "ok"})
 
@@ -226,7 +226,7 @@ def test_cli_render_report(experiment, tmp_path):
     out = tmp_path / "reports" / "synthetic" / "index.html"
     cli_main(["render-report", "--params", json.dumps(experiment.config), "--db", str(experiment.db),
               "--analyses", *ANALYSES, "--out", str(out), "--max-contexts", "3", "--top-k", "4"])
-    assert 'id="analysis-pursuit"' in out.read_text()
+    assert 'id="analysis-unfinished"' in out.read_text()
     data = embedded_data((out.parent / "browser.html").read_text())
     assert len(data["contexts"]) == 3 and len(data["worst"][SAE_IDS[0]]["error_norm"]) == 4
 

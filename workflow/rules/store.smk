@@ -8,6 +8,8 @@ rule build_database:
         activations=str(P.activations("eval")),
         errors=[str(P.errors(hook)) for hook in HOOKS],
         ce=rules.measure_ce.output[0],
+        pursuit=[str(P.pursuit_errors(hook)) for hook in HOOKS],
+        pursuit_ce=rules.measure_pursuit_ce.output[0],
     output:
         str(P.database),
     params:

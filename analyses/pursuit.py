@@ -1,0 +1,213 @@
+"""How much of an SAE's error, and of its nonlinear error, is its encoder's fault rather than its dictionary's?
+
+Each SAE's decoder pursues the same eval tokens by gradient pursuit with each token's encoder L0 (darkmatter.errors.pursuit;
+b* refitted on the pursuit error with the decomposition's split); ΔFVU_total and ΔFVU_nonlinear (pursuit − encoder)
+are pooled over those tokens with percentile intervals from resampling eval contexts (b* held fixed), and the widest
+SAE's pursuit reconstruction is spliced into the model beside Sae(x) for its CE.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import numpy as np
+import polars as pl
+
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import log2_ticks, note_figure
+from darkmatter.analysis.saes import family_name, family_saes, in_family
+from darkmatter.analysis.stats import multiplicities, percentile_interval, pooled_fvu
+
+log = logging.getLogger(__name__)
+
+PAPER_CLAIM = ("Gradient pursuit with the SAE's own dictionary (L0-matched) gives only a very slight decrease in "
+               "nonlinear error; a third-party reading of the paper reports FVU_total about 3-5% lower and "
+               "FVU_nonlinear essentially unchanged.")
+HEADLINE = ("delta_fvu_pct_widest", "delta_fvu_nonlinear_pct_widest", "delta_fvu_pct_mean",
+            "delta_fvu_nonlinear_pct_mean", "delta_ce_pursuit_minus_sae_nats")
+NO_DATA = "the store has no pursuit comparison (pursuit_errors is missing or empty): run the pursuit stage"
+MEASURES = ("fvu", "fvu_nonlinear")  # the pooled FVUs compared, each for both methods
+LEADING = ["sae_id", "width", "k", "fvu_encoder", "fvu_pursuit", "delta_fvu", "delta_fvu_pct", "fvu_nonlinear_encoder",
+           "fvu_nonlinear_pursuit", "delta_fvu_nonlinear", "delta_fvu_nonlinear_pct"]
+
+
+def _has_rows(ctx: AnalysisContext, table: str) -> bool:
+    with ctx.connect() as con:
+        found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()
+        return bool(found[0][0]) and bool(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+
+
+def _group_sums(ctx: AnalysisContext) -> tuple[pl.DataFrame, np.ndarray, dict[str, np.ndarray]]:
+    """Per (method, sae_id, context) Σ‖error‖² and Σ‖NonlinearError‖²; the contexts in order; and per context the
+    x sums that the pooled FVU's denominator needs (n, Σx, Σ‖x‖²) over the pursued rows."""
+    with ctx.connect() as con:
+        sums = con.sql("""SELECT p.method, p.sae_id, t.context, count(*) AS n,
+                                 sum(p.error_norm_sq::DOUBLE) AS sse,
+                                 sum(p.nonlinear_error_norm::DOUBLE * p.nonlinear_error_norm) AS sse_nonlinear
+                          FROM pursuit_errors p JOIN tokens t USING (row) GROUP BY ALL""").pl()
+        rows = con.sql("""SELECT DISTINCT p.row, t.context FROM pursuit_errors p JOIN tokens t USING (row)
+                          ORDER BY p.row""").pl()
+    contexts, group = np.unique(rows["context"].to_numpy(), return_inverse=True)
+    x = np.asarray(ctx.eval_store().activations(ctx.hook)[rows["row"].to_numpy()], dtype=np.float64)
+    x_stats = {"n": np.bincount(group, minlength=len(contexts)).astype(np.float64),
+               "x_sum": np.stack([np.bincount(group, x[:, j], len(contexts)) for j in range(x.shape[1])], 1),
+               "x_sq": np.bincount(group, (x * x).sum(1), len(contexts))}
+    return sums, contexts, x_stats
+
+
+def _fvu_table(ctx: AnalysisContext) -> pl.DataFrame:
+    """One row per pursued SAE: both methods' pooled FVUs, their differences and the differences' intervals."""
+    sums, contexts, x_stats = _group_sums(ctx)
+    level, n_boot = ctx.analysis.confidence, ctx.analysis.bootstrap
+    weights = multiplicities(len(contexts), n_boot, ctx.seed)
+    index = {c: i for i, c in enumerate(contexts)}
+    out = []
+    for (sae_id,), part in sums.partition_by("sae_id", as_dict=True, maintain_order=True).items():
+        sse = np.zeros((len(contexts), 2 * len(MEASURES)))  # columns: (measure, method)
+        for r in part.iter_rows(named=True):
+            for j, measure in enumerate(MEASURES):
+                col = 2 * j + (r["method"] == "pursuit")
+                sse[index[r["context"]], col] = r["sse" if measure == "fvu" else "sse_nonlinear"]
+        point = pooled_fvu(sse, x_stats["n"], x_stats["x_sum"], x_stats["x_sq"])[0]
+        draws = pooled_fvu(sse, x_stats["n"], x_stats["x_sum"], x_stats["x_sq"], weights)
+        row: dict[str, object] = {"sae_id": sae_id, "tokens": int(x_stats["n"].sum()), "contexts": len(contexts)}
+        for j, measure in enumerate(MEASURES):
+            enc, pur = point[2 * j], point[2 * j + 1]
+            delta = draws[:, 2 * j + 1] - draws[:, 2 * j]
+            low, high = percentile_interval(delta, level)
+            rel_low, rel_high = percentile_interval(100 * delta / draws[:, 2 * j], level)
+            row |= {f"{measure}_encoder": enc, f"{measure}_pursuit": pur, f"delta_{measure}": pur - enc,
+                    f"delta_{measure}_ci_low": float(low), f"delta_{measure}_ci_high": float(high),
+                    f"delta_{measure}_pct": 100 * (pur - enc) / enc, f"delta_{measure}_pct_ci_low": float(rel_low),
+                    f"delta_{measure}_pct_ci_high": float(rel_high)}
+        out.append(row)
+    return pl.DataFrame(out).with_columns(bootstrap=pl.lit(n_boot), confidence=pl.lit(level))
+
+
+def _ce_table(ctx: AnalysisContext) -> pl.DataFrame:
+    """For the SAE whose pursuit was spliced in: mean CE (nats) clean, with Sae(x) and with the pursuit
+    reconstruction, and the paired difference pursuit − sae with its interval over resampled contexts."""
+    if not _has_rows(ctx, "token_ce"):
+        return pl.DataFrame()
+    with ctx.connect() as con:
+        per = con.sql("""SELECT p.sae_id, p.context, count(*) AS n, sum(p.ce::DOUBLE) AS ce_pursuit,
+                                sum(s.ce::DOUBLE) AS ce_sae, sum(c.ce::DOUBLE) AS ce_clean
+                         FROM token_ce p
+                         JOIN token_ce s ON s.sae_id = p.sae_id AND s.condition = 'sae'
+                                        AND s.context = p.context AND s.position = p.position
+                         JOIN token_ce c ON c.sae_id = '' AND c.condition = 'clean'
+                                        AND c.context = p.context AND c.position = p.position
+                         WHERE p.condition = 'pursuit' GROUP BY ALL ORDER BY p.sae_id, p.context""").pl()
+    if per.is_empty():
+        return pl.DataFrame()
+    out = []
+    for (sae_id,), part in per.partition_by("sae_id", as_dict=True, maintain_order=True).items():
+        n = part["n"].to_numpy().astype(np.float64)
+        cols = {c: part[c].to_numpy() for c in ("ce_clean", "ce_sae", "ce_pursuit")}
+        w = multiplicities(part.height, ctx.analysis.bootstrap, ctx.seed)
+        diff = (w @ (cols["ce_pursuit"] - cols["ce_sae"])) / (w @ n)
+        low, high = percentile_interval(diff, ctx.analysis.confidence)
+        out.append({"sae_id": sae_id, **{c: float(v.sum() / n.sum()) for c, v in cols.items()},
+                    "delta_ce_pursuit_minus_sae": float((cols["ce_pursuit"] - cols["ce_sae"]).sum() / n.sum()),
+                    "delta_ce_ci_low": float(low), "delta_ce_ci_high": float(high), "ce_contexts": part.height,
+                    "ce_tokens": int(n.sum())})
+    return pl.DataFrame(out)
+
+
+def compute(ctx: AnalysisContext) -> pl.DataFrame:
+    """One row per pursued SAE: encoder and pursuit FVU_total / FVU_nonlinear, the differences with intervals,
+    L0 and pursuit time (from pursuit_saes), and the CE columns for the SAE whose pursuit was spliced in."""
+    if not _has_rows(ctx, "pursuit_errors"):
+        return pl.DataFrame({"sae_id": [], "note": []}, schema={"sae_id": pl.Utf8, "note": pl.Utf8})
+    table = _fvu_table(ctx)
+    with ctx.connect() as con:
+        extra = con.sql("""SELECT sae_id, max(l0_mean) FILTER (method = 'encoder') AS l0_encoder,
+                                  max(l0_mean) FILTER (method = 'pursuit') AS l0_pursuit,
+                                  max(seconds) FILTER (method = 'pursuit') AS pursuit_seconds
+                           FROM pursuit_saes GROUP BY sae_id""").pl()
+    width_fam, k_fam = family_name(ctx, "width"), family_name(ctx, "k")
+    saes = family_saes(ctx).select("sae_id", "architecture", "width", "k", "families",
+                                   in_family(width_fam).alias("in_width_family"),
+                                   in_family(k_fam).alias("in_k_family"))
+    table = saes.join(table, on="sae_id", how="inner").join(extra, on="sae_id", how="left")
+    ce = _ce_table(ctx)
+    if ce.height:
+        table = table.join(ce, on="sae_id", how="left")
+    return table.sort("architecture", "k", "width").select(*LEADING, pl.exclude(LEADING))
+
+
+def _verdict(low: float, high: float) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "unknown"
+    return "lower" if high < 0 else "higher" if low > 0 else "unchanged (interval contains 0)"
+
+
+def summarize(table: pl.DataFrame) -> dict[str, float | str]:
+    """ΔFVU_total and ΔFVU_nonlinear (%, pursuit − encoder) of the width family's widest SAE and their means over
+    all SAEs, how many SAEs each interval places below / above 0, and the pursuit's CE beside Sae(x)'s."""
+    if table.is_empty() or "fvu_encoder" not in table.columns:
+        return {"n_saes": 0, "note": NO_DATA}
+    width = table.filter(pl.col("in_width_family")) if table["in_width_family"].any() else table
+    widest = width.sort(["width", "k"], descending=[True, False]).row(0, named=True)
+    out: dict[str, float | str] = {
+        "n_saes": table.height, "tokens": int(table["tokens"][0]), "contexts": int(table["contexts"][0]),
+        "bootstrap": int(table["bootstrap"][0]), "confidence": float(table["confidence"][0]),
+        "widest_sae_id": widest["sae_id"]}
+    for measure in MEASURES:
+        out |= {f"delta_{measure}_pct_widest": widest[f"delta_{measure}_pct"],
+                f"delta_{measure}_pct_widest_ci_low": widest[f"delta_{measure}_pct_ci_low"],
+                f"delta_{measure}_pct_widest_ci_high": widest[f"delta_{measure}_pct_ci_high"],
+                f"delta_{measure}_pct_mean": float(table[f"delta_{measure}_pct"].mean()),  # type: ignore[arg-type]
+                f"{measure}_lower_count": int((table[f"delta_{measure}_ci_high"] < 0).sum()),
+                f"{measure}_higher_count": int((table[f"delta_{measure}_ci_low"] > 0).sum()),
+                f"{measure}_widest_verdict": _verdict(widest[f"delta_{measure}_ci_low"],
+                                                      widest[f"delta_{measure}_ci_high"])}
+    spliced = table.filter(pl.col("ce_pursuit").is_not_null()) if "ce_pursuit" in table.columns else table.clear()
+    if spliced.height:
+        r = spliced.row(0, named=True)
+        out |= {"ce_sae_id": r["sae_id"], "ce_clean_nats": r["ce_clean"], "ce_sae_nats": r["ce_sae"],
+                "ce_pursuit_nats": r["ce_pursuit"], "delta_ce_pursuit_minus_sae_nats": r["delta_ce_pursuit_minus_sae"],
+                "delta_ce_ci_low_nats": r["delta_ce_ci_low"], "delta_ce_ci_high_nats": r["delta_ce_ci_high"],
+                "ce_verdict": _verdict(r["delta_ce_ci_low"], r["delta_ce_ci_high"])}
+    return out
+
+
+def plot(table: pl.DataFrame) -> dict[str, object]:
+    """ΔFVU (% of the encoder's, with intervals) for FVU_total and FVU_nonlinear across the width and k sweeps."""
+    from darkmatter.analysis.figures import PALETTE, new_figure
+
+    if table.is_empty() or "fvu_encoder" not in table.columns:
+        return {"delta_fvu": note_figure("Gradient pursuit vs encoder", NO_DATA)}
+    panels = [(title, col, table.filter(pl.col(flag))) for title, col, flag in
+              (("width sweep", "width", "in_width_family"), ("k sweep", "k", "in_k_family"))]
+    panels = [p for p in panels if p[2].height > 1] or [("all SAEs", "width", table)]
+    fig, axes = new_figure(ncols=len(panels), sharey=True, figsize=(6.4 if len(panels) == 1 else 9.6, 4.0),
+                           squeeze=False)
+    colors = {"fvu": PALETTE["total"], "fvu_nonlinear": PALETTE["nonlinear error"]}
+    labels = {"fvu": "FVU total", "fvu_nonlinear": "FVU nonlinear"}
+    for ax, (title, col, rows) in zip(axes[0], panels, strict=True):
+        rows = rows.sort(col)
+        x = np.log2(rows[col].to_numpy().astype(np.float64))
+        for offset, measure in zip((-0.06, 0.06), MEASURES, strict=True):
+            y = rows[f"delta_{measure}_pct"].to_numpy()
+            err = np.abs(np.stack([rows[f"delta_{measure}_pct_ci_low"].to_numpy(),
+                                   rows[f"delta_{measure}_pct_ci_high"].to_numpy()]) - y)
+            ax.errorbar(x + offset, y, yerr=err, fmt="o-", color=colors[measure], capsize=3, label=labels[measure])
+        ax.axhline(0, color="black", lw=0.8)
+        log2_ticks(ax, "x", rows[col].to_numpy())
+        ax.set(xlabel=f"{col} (log scale)", title=title)
+    axes[0][0].set_ylabel("pursuit − encoder (% of encoder's FVU)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Gradient pursuit with the SAE's decoder, L0-matched", fontweight="bold")
+    return {"delta_fvu": fig}
+
+
+def main() -> None:
+    run_cli(sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    main()
