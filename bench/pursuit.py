@@ -6,6 +6,11 @@ iterations. Trials are interleaved (ref, fast, ref, fast, ...) and medians repor
 are noisy; the Gram matrix DDᵀ is timed separately (it is computed once per SAE and shared by all its tokens).
 The outputs are compared: supports equal per token, largest relative reconstruction gap.
 
+The limits, measured in the same run: the Gram route does n·d multiply-adds per token for sDᵀ (a GEMM, against this
+machine's float32 GEMM peak) and Σ_t t·n = n·L0(L0+1)/2 for the gradient updates, each of which streams one float of
+a support row (the token's L0·n·4 bytes of rows do not fit a 2-core machine's L2, so they stream from L3 at every
+iteration): against the read bandwidth of a buffer of that size, each thread its own, measured with a compiled sum.
+
 Peer, when installed: dictionary_learning's ``grad_pursuit`` (``pip install --no-deps dictionary-learning==0.1.0``;
 its package ``__init__`` imports nnsight, so its ``grad_pursuit.py`` is loaded from the file). It keeps an atom in
 the support once selected, even after its weight is clipped to 0, where the algorithm here (and the paper's
@@ -23,6 +28,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numba
+import numpy as np
 import torch
 
 from darkmatter.sae.formats import load_sae
@@ -58,6 +65,41 @@ def dictionary_learning_peer():
     return module.grad_pursuit
 
 
+def gemm_peak(repeats: int = 5) -> float:
+    """float32 GFLOP/s of a [2048, 576] × [576, 8192] product on the current threads (median of ``repeats``)."""
+    a, b = torch.randn(2048, 576), torch.randn(576, 8192)
+    out = torch.empty(2048, 8192)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return 2 * 2048 * 576 * 8192 / statistics.median(times) / 1e9
+
+
+@numba.njit(parallel=True, cache=True)
+def _stream(buffers, passes):  # pragma: no cover - compiled
+    total = np.zeros(buffers.shape[0])
+    for p in numba.prange(buffers.shape[0]):
+        acc = 0.0
+        for _ in range(passes):
+            for q in range(buffers.shape[1]):
+                acc += buffers[p, q]
+        total[p] = acc
+    return total
+
+
+def stream_bandwidth(nbytes: int, threads: int, passes: int = 200) -> float:
+    """GB/s of reading, on each of ``threads`` threads, its own float32 buffer of ``nbytes`` again and again (the
+    support rows a token streams at each iteration)."""
+    buffers = np.random.default_rng(0).random((threads, nbytes // 4), dtype=np.float32)
+    _stream(buffers, 1)
+    t0 = time.perf_counter()
+    _stream(buffers, passes)
+    return buffers.nbytes * passes / (time.perf_counter() - t0) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", type=int, nargs="+", default=[9216, 16384])
@@ -73,6 +115,8 @@ def main() -> None:
     peer = dictionary_learning_peer()
     if peer is None:
         print("dictionary_learning is not installed: its grad_pursuit is left out of this run")
+    peak = gemm_peak()
+    print(f"float32 GEMM peak {peak:.0f} GFLOP/s (2 threads)")
     results = {}
     for name, D in dictionaries(args.widths, args.d).items():
         x = torch.randn(args.tokens, D.shape[1], generator=torch.Generator().manual_seed(1)) * 2
@@ -102,6 +146,17 @@ def main() -> None:
                          "same_support_fraction": float((w != 0).eq(w_ref != 0).all(1).float().mean()),
                          "max_relative_gap": float(gap)}
         r = results[name]
+        n = D.shape[0]
+        rows_bytes = args.l0 * n * 4  # one token's support rows
+        bandwidth = stream_bandwidth(rows_bytes, 2)
+        gemm_s = args.tokens * n * args.d * 2 / (peak * 1e9)  # sDᵀ at the GEMM peak
+        stream_s = args.tokens * n * args.l0 * (args.l0 + 1) / 2 * 4 / (bandwidth * 1e9)  # the rows, streamed
+        r |= {"gemm_peak_gflops": peak, "rows_bytes_per_token": rows_bytes, "rows_read_gb_per_s": bandwidth,
+              "bound_seconds": gemm_s + stream_s, "share_of_bound": (gemm_s + stream_s) / med["gram_route"],
+              "gram_bytes": n * n * 4}
+        print(f"{'':>14}  bound {gemm_s + stream_s:.3f} s (sDᵀ at the GEMM peak {gemm_s:.3f} s + support rows "
+              f"{rows_bytes / 2**20:.1f} MiB per token read at {bandwidth:.0f} GB/s {stream_s:.3f} s): "
+              f"{100 * r['share_of_bound']:.0f}% of it; Gram {n * n * 4 / 2**30:.2f} GiB", flush=True)
         if peer is not None:
             r["dictionary_learning_same_support_fraction"] = float((w_peer != 0).eq(w_ref != 0).all(1).float().mean())
         print(f"{name:>14}: reference {med['reference']:.2f} s, gram route {med['gram_route']:.2f} s "

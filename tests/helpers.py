@@ -30,6 +30,7 @@ import torch
 from darkmatter.analysis import AnalysisContext, load_outputs, run
 from darkmatter.config import SaeFamilyConfig, load_config, to_dict
 from darkmatter.errors.measure import measure_hook
+from darkmatter.errors.pursuit import measure_pursuit, pursue_to_folder
 from darkmatter.io import write_json
 from darkmatter.paths import ExperimentPaths
 from darkmatter.provenance import write_provenance
@@ -211,8 +212,9 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
                     magnitude_jitter: float = 0.2, noise: float = 0.05, context_shift: float = 0.1,
                     widths: Sequence[int] = (16, 32, 64, 96), width_k: int = 4, ks: Sequence[int] = (2, 4, 8),
                     k_width: int = 32, extra: dict[SaeSpec, tuple[str, Sae]] | None = None,
-                    fit_fraction: float = 0.6, seed: int = 0) -> Experiment:
-    """Build the experiment under ``root`` (module docstring); ``extra`` maps spec → (family, SAE)."""
+                    fit_fraction: float = 0.6, pursuit_contexts: int | None = None, seed: int = 0) -> Experiment:
+    """Build the experiment under ``root`` (module docstring); ``extra`` maps spec → (family, SAE);
+    ``pursuit_contexts``: also run the pursuit steps (darkmatter.errors.pursuit) on that many contexts."""
     with torch_threads(1):
         rng = np.random.default_rng(seed)
         planted = planted_activations(rng, d_in=d_in, n_contexts=n_contexts, n_positions=n_positions,
@@ -244,6 +246,13 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
         measure_hook([paths.sae(HOOK, i) for i in ids], [paths.codes(HOOK, i) for i in ids], store, HOOK,
                      paths.errors(HOOK), fit_tokens=fit_tokens, seed=seed, intercept=True, ridge=0.0,
                      progress=False)
+        if pursuit_contexts is not None:
+            for i in ids:
+                pursue_to_folder(paths.sae(HOOK, i), paths.codes(HOOK, i), store, HOOK, paths.pursuit_codes(HOOK, i),
+                                 contexts=pursuit_contexts, seed=seed, progress=False)
+            measure_pursuit([paths.sae(HOOK, i) for i in ids], [paths.codes(HOOK, i) for i in ids],
+                            [paths.pursuit_codes(HOOK, i) for i in ids], store, HOOK, paths.pursuit_errors(HOOK),
+                            fit_tokens=fit_tokens, seed=seed, intercept=True, ridge=0.0, progress=False)
         build_experiment_database(paths, families, HOOK, tokenizer=_ByteTokenizer())
         params = {"seed": seed, "analysis": {"bootstrap": 40, "confidence": 0.9},
                   "decomposition": {"fit_tokens": fit_tokens, "intercept": True, "ridge": 0.0, "seed": seed},

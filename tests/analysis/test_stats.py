@@ -1,0 +1,35 @@
+"""Shared statistics: the pooled FVU of resampled groups against the FVU of the resampled rows themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from darkmatter.analysis.stats import multiplicities, percentile_interval, pooled_fvu
+
+
+def test_pooled_fvu_of_a_resample_equals_the_fvu_of_its_rows(rng):
+    groups = np.repeat(np.arange(7), rng.integers(3, 9, 7))
+    x = rng.normal(size=(len(groups), 5)) * 3 + rng.normal(size=5) * 10  # a mean far from 0: the centring matters
+    errors = rng.normal(size=(len(groups), 2)) ** 2  # two per-token squared errors
+    sums = lambda v: np.stack([np.bincount(groups, v[:, j]) for j in range(v.shape[1])], 1)  # noqa: E731
+    n = np.bincount(groups).astype(float)
+    weights = multiplicities(7, 5, seed=0)
+    got = pooled_fvu(sums(errors), n, sums(x), np.bincount(groups, (x * x).sum(1)), weights)
+    for b, w in enumerate(weights):
+        rows = np.concatenate([np.flatnonzero(groups == g) for g in range(7) for _ in range(w[g])])
+        total_ss = ((x[rows] - x[rows].mean(0)) ** 2).sum()
+        np.testing.assert_allclose(got[b], errors[rows].sum(0) / total_ss, rtol=1e-10)
+    point = pooled_fvu(sums(errors), n, sums(x), np.bincount(groups, (x * x).sum(1)))
+    np.testing.assert_allclose(point[0], errors.sum(0) / ((x - x.mean(0)) ** 2).sum(), rtol=1e-10)
+
+
+def test_percentile_interval_matches_numpy_and_ignores_nan():
+    draws = np.arange(101, dtype=float)[:, None] * [1.0, -1.0]
+    draws[5, 0] = np.nan
+    low, high = percentile_interval(draws, 0.9)
+    assert low[1] == pytest.approx(-95.0) and high[1] == pytest.approx(-5.0)
+    ok = draws[:, 0][np.isfinite(draws[:, 0])]
+    assert (low[0], high[0]) == pytest.approx(tuple(np.quantile(ok, [0.05, 0.95])))
+    low, high = percentile_interval(np.empty((0, 3)), 0.9)
+    assert low.shape == (3,) and np.isnan(low).all() and np.isnan(high).all()
