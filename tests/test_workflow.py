@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from darkmatter.config import load_config
-from darkmatter.sae.families import expand_families
+from darkmatter.sae.families import expand_families, widest
 from darkmatter.store.build import connect
 from tests.helpers import REPO
 
@@ -78,6 +78,10 @@ def test_smoke_workflow_end_to_end(tmp_path):
         fvu = dict(con.execute("SELECT sae_id, fvu FROM saes").fetchall())
         assert len(fvu) == n_saes and all(0 < v < 1 for v in fvu.values())
         assert con.execute("SELECT count(DISTINCT sae_id) FROM token_ce WHERE sae_id <> ''").fetchone()[0] == n_saes
+        pursued = cfg.pursuit.contexts * (cfg.harvest.context_size - cfg.harvest.min_pos)
+        assert con.execute("SELECT count(*) FROM pursuit_errors").fetchone()[0] == 2 * n_saes * pursued
+        spliced = con.execute("SELECT DISTINCT sae_id FROM token_ce WHERE condition = 'pursuit'").fetchall()
+        assert spliced == [(widest(expand_families(cfg.families, cfg.primary_hook)).sae_id,)]
     for name in cfg.analysis.names:
         summary = json.loads((results / "analyses" / name / "summary.json").read_text())
         numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -94,8 +98,12 @@ def test_smoke_workflow_end_to_end(tmp_path):
     assert planned_jobs(args, analysis_edit, tmp_path) == {"run_analysis": 1, "render_report": 1, "all": 1}
     fit_edit = smoke | {"decomposition": smoke["decomposition"] | {"fit_tokens": 1200}}
     assert planned_jobs(args, fit_edit, tmp_path) == {
-        "measure_errors": 1, "measure_ce": 1, "build_database": 1, "run_analysis": len(cfg.analysis.names),
-        "render_report": 1, "all": 1}  # no harvest, no training, no encoding
+        "measure_errors": 1, "measure_ce": 1, "measure_pursuit": 1, "build_database": 1,
+        "run_analysis": len(cfg.analysis.names), "render_report": 1, "all": 1}  # no harvest, training, encoding, pursuit
+    pursuit_edit = smoke | {"pursuit": {"contexts": 8}}
+    assert planned_jobs(args, pursuit_edit, tmp_path) == {
+        "pursue": n_saes, "measure_pursuit": 1, "build_database": 1, "run_analysis": len(cfg.analysis.names),
+        "render_report": 1, "all": 1}  # the encoders' measurement and both CE steps stay
 
 
 def planned_jobs(args: list[str], config: dict, tmp_path) -> dict[str, int]:

@@ -25,6 +25,8 @@ SAE_COLUMNS: tuple[tuple[str, str, float, bool], ...] = (
     ("fvu_linear", "FVU linear", 1, True), ("fvu_nonlinear", "FVU nonlinear", 1, False),
     ("r2_norm_sq", "R² ‖error‖²", 1, True), ("r2_vector_mean_dims", "R² error vector", 1, True),
     ("dead_fraction", "dead %", 100, False), ("ce_loss_score", "CE score", 1, True), ("ce_score", "CE score", 1, True),
+    # gradient pursuit with the SAE's decoder, on the pursued tokens (analyses/pursuit.py has the encoder's on those)
+    ("pursuit_fvu", "FVU pursuit", 1, True), ("pursuit_fvu_nonlinear", "FVU nonlinear pursuit", 1, True),
 )
 
 def fmt(value: Any) -> str:

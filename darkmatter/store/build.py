@@ -96,9 +96,12 @@ def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFami
     tokenizer = tokenizer or load_tokenizer(read_json(paths.model_json)["path"])
     tokens = tokens_table(ActivationStore(paths.activations("eval")), paths.contexts("eval"), tokenizer)
     ce_summary, token_ce = (paths.ce / "summary.parquet", paths.ce / "token_ce.parquet")
-    # the pursuit comparison, where it was run (folders: pursuit/errors/<hook>/<method>/<sae_id>/)
-    pursued = {method: [paths.pursuit_errors(m.hook) / method / m.sae_id for m in members] for method in METHODS}
-    pursued = {method: [f for f in folders if (f / METRICS).is_file()] for method, folders in pursued.items()}
+    # the pursuit comparison of every hook where it was run (folders: pursuit/errors/<hook>/<method>/<sae_id>/)
+    pursued = {method: [paths.pursuit_errors(m.hook) / method / m.sae_id for m in members
+                        if paths.pursuit_errors(m.hook).is_dir()] for method in METHODS}
+    for folder in (f for folders in pursued.values() for f in folders):
+        if not (folder / METRICS).is_file():
+            raise StoreError(f"{folder / METRICS} is missing; rerun measure_pursuit for every SAE of the hook.")
     pursuit = pursuit_table({method: [f / METRICS for f in folders] for method, folders in pursued.items()})
     saes = saes_table(members, [paths.sae_errors(m.hook, m.sae_id) / METRICS for m in members],
                       pl.read_parquet(ce_summary) if ce_summary.is_file() else None, pursuit)

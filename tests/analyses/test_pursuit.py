@@ -78,3 +78,18 @@ def test_without_a_pursuit_stage_the_analysis_says_so(tmp_path):
     out = plain.run("pursuit", tmp_path / "pursuit")
     assert out["summary"]["n_saes"] == 0 and "run the pursuit stage" in out["summary"]["note"]
     assert "encoder_error_fvu" not in plain.run("scaling_decomposition", tmp_path / "scaling")["summary"]
+
+
+def test_a_half_measured_pursuit_is_refused_by_the_store(tmp_path):
+    from darkmatter.config import SaeFamilyConfig
+    from darkmatter.errors.measure import METRICS
+    from darkmatter.store.build import StoreError, build_experiment_database
+    from tests.helpers import HOOK, _ByteTokenizer
+
+    small = make_experiment(tmp_path / "small", n_contexts=6, n_positions=40, widths=(16, 32), ks=(2, 4),
+                            pursuit_contexts=3)
+    (small.paths.pursuit_errors(HOOK) / "pursuit" / small.sae_ids[0] / METRICS).unlink()
+    families = [SaeFamilyConfig(**f) for f in small.params["families"]]
+    with pytest.raises(StoreError, match=f"{METRICS} is missing; rerun measure_pursuit"):
+        build_experiment_database(small.paths, families, HOOK, out=tmp_path / "x.duckdb", tokenizer=_ByteTokenizer())
+    assert not (tmp_path / "x.duckdb").exists()
