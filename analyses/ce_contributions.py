@@ -4,7 +4,8 @@ From the spliced per-token CE and KL of the store (x replaced at the hook, posit
 Sae(x) + LinearError, Sae(x) + NonlinearError), the % of each SAE's CE gap recovered by adding back each error part,
 100·(L_sae − L_setting)/(L_sae − L_clean), is set beside that part's share of error variance (FVU_part/FVU) and of the
 summed squared error norm, with the zero-ablation CE-loss score and KL; every CE number carries a seeded percentile
-bootstrap interval over eval contexts, resampled jointly for all conditions and SAEs (they share the contexts).
+bootstrap interval over the spliced contexts' documents, resampled jointly for all conditions and SAEs (they share
+the contexts).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -20,6 +22,7 @@ from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import family_name, family_saes, in_family
+from darkmatter.analysis.stats import resampling_summary
 from darkmatter.downstream.ce import GLOBAL_CONDITIONS, SAE_CONDITIONS, summarize_ce
 
 log = logging.getLogger(__name__)
@@ -57,13 +60,14 @@ def with_increases(summary: pl.DataFrame) -> pl.DataFrame:
                                 for c in CONDITIONS)
 
 
-def bootstrap_ce(per_token: pl.DataFrame, n_boot: int, level: float, seed: int) -> pl.DataFrame:
-    """Percentile intervals of every number of :func:`darkmatter.downstream.ce.summarize_ce`, resampling eval contexts.
+def bootstrap_ce(per_token: pl.DataFrame, level: float,
+                 resample_weights: Callable[[np.ndarray], np.ndarray]) -> pl.DataFrame:
+    """Percentile intervals of every number of :func:`darkmatter.downstream.ce.summarize_ce`, resampling documents.
 
     Per (sae_id, condition) the sums of ce and kl and the token counts per context form matrices S [K, C], N [K, C];
-    a resample draws C contexts with replacement (multiplicities w [C], ``np.random.default_rng(seed)``), so its
-    token means are S·w / N·w, and summarize_ce turns them into % recovered and CE score. Columns:
-    sae_id, <name>_ci_low, <name>_ci_high for each name in BOOTSTRAPPED.
+    ``resample_weights(contexts)`` gives each context's multiplicity w [B, C] in every resample (its document's:
+    :meth:`AnalysisContext.resample_weights`), so a resample's token means are S·w / N·w, and summarize_ce turns them
+    into % recovered and CE score. Columns: sae_id, <name>_ci_low, <name>_ci_high for each name in BOOTSTRAPPED.
     """
     per_ctx = per_token.group_by("sae_id", "condition", "context").agg(
         pl.col("ce").cast(pl.Float64).sum(), pl.col("kl").cast(pl.Float64).sum(), pl.len().alias("n"))
@@ -74,7 +78,10 @@ def bootstrap_ce(per_token: pl.DataFrame, n_boot: int, level: float, seed: int) 
     sums = {name: np.zeros(shape) for name in ("ce", "kl", "n")}
     for name, mat in sums.items():
         mat[per_ctx["key"].to_numpy(), per_ctx["c"].to_numpy()] = per_ctx[name].to_numpy()
-    weights = np.random.default_rng(seed).multinomial(shape[1], np.full(shape[1], 1 / shape[1]), size=n_boot)
+    weights = resample_weights(contexts["context"].to_numpy())  # [B, C]
+    n_boot = len(weights)
+    if not n_boot:  # no interval (e.g. a single document)
+        return keys.select("sae_id").unique()
     with np.errstate(invalid="ignore", divide="ignore"):  # a key absent from every drawn context: NaN
         ce, kl = (sums[name] @ weights.T / (sums["n"] @ weights.T) for name in ("ce", "kl"))  # [K, B]
     # summarize_ce on the K means of each resample, so % recovered and the CE score keep one definition
@@ -94,7 +101,7 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     level, n_boot = ctx.analysis.confidence, ctx.analysis.bootstrap
     table = with_increases(summarize_ce(per_token))
     if n_boot > 0:
-        table = table.join(bootstrap_ce(per_token, n_boot, level, ctx.seed), on="sae_id", how="left")
+        table = table.join(bootstrap_ce(per_token, level, ctx.resample_weights), on="sae_id", how="left")
     width_fam, k_fam = family_name(ctx, "width"), family_name(ctx, "k")
     saes = family_saes(ctx).select(
         "sae_id", "architecture", "width", "k", "families",
@@ -104,11 +111,11 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     with ctx.connect() as con:
         shares = con.sql("SELECT sae_id, " + ", ".join(f"100 * {p}_share_of_sq_norm AS sq_norm_share_{p}_pct"
                                                        for p in PARTS) + " FROM sae_error_shares").pl()
-    n_ctx = per_token["context"].n_unique()
+    resampling = ctx.resampling(np.unique(per_token["context"].to_numpy()))
     n_tok = per_token.filter(pl.col("condition") == "clean").height
     return (saes.join(table, on="sae_id", how="inner").join(shares, on="sae_id", how="left")
-            .with_columns(n_contexts=pl.lit(n_ctx), n_tokens=pl.lit(n_tok), bootstrap=pl.lit(n_boot),
-                          confidence=pl.lit(level))
+            .with_columns(n_tokens=pl.lit(n_tok), confidence=pl.lit(level),
+                          **{k: pl.lit(v) for k, v in resampling.items()})
             .sort("architecture", "k", "width")
             .select(*LEADING, pl.exclude(LEADING)))
 
@@ -125,9 +132,8 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     # ≈ 1 when the nonlinear error's CE effect is proportional to its share of the error variance
     ratio = (table["percent_recovered_nonlinear"] / table["variance_share_nonlinear_pct"]).drop_nulls().drop_nans()
     return {
-        "n_saes": table.height, "n_contexts": int(table["n_contexts"][0]),
-        "n_tokens_per_condition": int(table["n_tokens"][0]), "bootstrap": int(table["bootstrap"][0]),
-        "confidence": float(table["confidence"][0]),
+        "n_saes": table.height, **resampling_summary(table),
+        "n_tokens_per_condition": int(table["n_tokens"][0]), "confidence": float(table["confidence"][0]),
         "ce_clean_nats": float(table["ce_clean"][0]), "ce_zero_nats": float(table["ce_zero"][0]),
         "ce_sae_mean_nats": _mean(table, "ce_sae"), "kl_sae_mean_nats": _mean(table, "kl_sae"),
         "ce_loss_score_median": float(table["ce_loss_score"].median()),  # type: ignore[arg-type]

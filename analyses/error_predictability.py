@@ -20,7 +20,7 @@ from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_saes, in_family, modal_group
-from darkmatter.analysis.stats import multiplicities, r2_interval
+from darkmatter.analysis.stats import r2_interval, resampling_summary
 from darkmatter.errors.measure import METRICS, TEST_SUMS
 from darkmatter.io import read_json
 from darkmatter.regression import GroupSums
@@ -39,15 +39,15 @@ METRICS_COLUMNS = {"r2_vector_mean_dims": ("vector", "mean_dims"), "r2_vector_po
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per (SAE, map): held-out R² of the error vector and of ‖error‖², with bootstrap intervals for the
     configured map (the other map's point estimates come from the stored moments)."""
-    intercept, level, n_boot = ctx.decomposition.intercept, ctx.analysis.confidence, ctx.analysis.bootstrap
+    intercept, level = ctx.decomposition.intercept, ctx.analysis.confidence
     rows = []
     for sae in family_saes(ctx).iter_rows(named=True):
         folder = ctx.paths.sae_errors(sae["hook"], sae["sae_id"])
         stored = read_json(folder / METRICS)
         sums = GroupSums.load(folder / TEST_SUMS)
         d = sums.sum.shape[1] - 1  # columns: the error vector [d] and ‖error‖²
-        # The same resamples for every SAE (same seed, same contexts): differences between SAEs are paired.
-        weights = multiplicities(len(sums.n), n_boot, ctx.seed)
+        # The same resamples for every SAE (same seed, same documents): differences between SAEs are paired.
+        weights = ctx.resample_weights(sums.groups)
         scores = {"vector": r2_interval(sums, slice(0, d), weights, level),
                   "norm": r2_interval(sums, slice(d, d + 1), weights, level)}
         for name, has_intercept in MAPS.items():
@@ -63,7 +63,7 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
                     row |= {col: math.nan if value is None else value, f"{col}_low": math.nan,
                             f"{col}_high": math.nan}
             rows.append(row | {"n_fit": stored["fit_tokens"], "n_test": stored["test_tokens"],
-                               "n_contexts": len(sums.n), "bootstrap": n_boot, "confidence": level})
+                               **ctx.resampling(sums.groups), "confidence": level})
         log.info("%s: R² vector %.3f, R² ‖e‖² %.3f", sae["sae_id"], scores["vector"]["mean_dims"],
                  scores["norm"]["pooled"])
     return pl.DataFrame(rows)
@@ -78,6 +78,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     main, other = table.filter(pl.col("default")), table.filter(~pl.col("default"))
     out["map"] = str(main["map"][0])
     out["n_saes"] = main.height
+    out |= resampling_summary(main)
     for col in METRICS_COLUMNS:
         out[f"{col}_median"] = float(main[col].median())
         out[f"{col}_min"] = float(main[col].min())

@@ -19,7 +19,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.eval import eval_split, heldout_by_context
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import family_saes
-from darkmatter.analysis.stats import multiplicities, r2_interval
+from darkmatter.analysis.stats import r2_interval, resampling_summary
 from darkmatter.regression import row_chunks
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,14 @@ def _targets(ctx: AnalysisContext, x: np.ndarray, sae_ids: list[str]) -> tuple[n
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per (SAE, v) — and one per hook for v = x — with the held-out R² of ‖v‖² from x and its interval."""
-    level, n_boot = ctx.analysis.confidence, ctx.analysis.bootstrap
+    level = ctx.analysis.confidence
     saes, rows = family_saes(ctx), []
     for (hook,), group in saes.group_by("hook", maintain_order=True):
         split = eval_split(ctx, hook)
         y, keys = _targets(ctx, split.x, group["sae_id"].to_list())
         design = ctx.design(hook, intercept=True)  # the stored decomposition's x moments: no pass for them
         _, sums = heldout_by_context(design, split, y.__getitem__, y.shape[1])
-        weights = multiplicities(len(sums.n), n_boot, ctx.seed)
+        weights = ctx.resample_weights(sums.groups)
         meta = {r["sae_id"]: r for r in group.iter_rows(named=True)}
         for j, (sae_id, v) in enumerate(keys):
             r2 = r2_interval(sums, slice(j, j + 1), weights, level)
@@ -79,7 +79,7 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
                          "vector": v, "label": VECTORS[v][0], "r2_norm_sq": r2["pooled"],
                          "r2_norm_sq_low": r2["pooled_low"], "r2_norm_sq_high": r2["pooled_high"],
                          "n_fit": int(split.fit.sum()), "n_test": int((~split.fit).sum()),
-                         "n_contexts": len(sums.n), "bootstrap": n_boot, "confidence": level})
+                         **ctx.resampling(sums.groups), "confidence": level})
     return pl.DataFrame(rows)
 
 
@@ -96,6 +96,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     out |= {f"r2_norm_sq_min_{v}": float(table.filter(pl.col("vector") == v)["r2_norm_sq"].min())
             for v in VECTORS if v != "x"}
     out["n_saes"] = table.filter(pl.col("vector") == "sae").height
+    out |= resampling_summary(table)
     out["measured_order"] = " > ".join(VECTORS[v][0] for v in sorted(med, key=lambda v: -med[v]))
     others = [m for v, m in med.items() if v != "nonlinear_error"]
     out["nonlinear_lowest"] = "yes" if med["nonlinear_error"] < min(others) else "no"

@@ -2,7 +2,7 @@
 
 Each SAE's decoder pursues the same eval tokens by gradient pursuit with each token's encoder L0 (darkmatter.errors.pursuit;
 b* refitted on the pursuit error with the decomposition's split); ΔFVU_total and ΔFVU_nonlinear (pursuit − encoder)
-are pooled over those tokens with percentile intervals from resampling eval contexts (b* held fixed), and the widest
+are pooled over those tokens with percentile intervals from resampling their documents (b* held fixed), and the widest
 SAE's pursuit reconstruction is spliced into the model beside Sae(x) for its CE.
 """
 
@@ -19,7 +19,7 @@ from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_name, family_saes, in_family
-from darkmatter.analysis.stats import multiplicities, percentile_interval, pooled_fvu
+from darkmatter.analysis.stats import percentile_interval, pooled_fvu, resampling_summary
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def _group_sums(ctx: AnalysisContext) -> tuple[pl.DataFrame, np.ndarray, dict[st
 def _fvu_table(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per pursued SAE: both methods' pooled FVUs, their differences and the differences' intervals."""
     sums, contexts, x_stats = _group_sums(ctx)
-    level, n_boot = ctx.analysis.confidence, ctx.analysis.bootstrap
-    weights = multiplicities(len(contexts), n_boot, ctx.seed)
+    level = ctx.analysis.confidence
+    weights = ctx.resample_weights(contexts)
     index = {c: i for i, c in enumerate(contexts)}
     out = []
     for (sae_id,), part in sums.partition_by("sae_id", as_dict=True, maintain_order=True).items():
@@ -73,7 +73,7 @@ def _fvu_table(ctx: AnalysisContext) -> pl.DataFrame:
                 sse[index[r["context"]], col] = r["sse" if measure == "fvu" else "sse_nonlinear"]
         point = pooled_fvu(sse, x_stats["n"], x_stats["x_sum"], x_stats["x_sq"])[0]
         draws = pooled_fvu(sse, x_stats["n"], x_stats["x_sum"], x_stats["x_sq"], weights)
-        row: dict[str, object] = {"sae_id": sae_id, "tokens": int(x_stats["n"].sum()), "contexts": len(contexts)}
+        row: dict[str, object] = {"sae_id": sae_id, "tokens": int(x_stats["n"].sum())}
         for j, measure in enumerate(MEASURES):
             enc, pur = point[2 * j], point[2 * j + 1]
             delta = draws[:, 2 * j + 1] - draws[:, 2 * j]
@@ -84,12 +84,13 @@ def _fvu_table(ctx: AnalysisContext) -> pl.DataFrame:
                     f"delta_{measure}_pct": 100 * (pur - enc) / enc, f"delta_{measure}_pct_ci_low": float(rel_low),
                     f"delta_{measure}_pct_ci_high": float(rel_high)}
         out.append(row)
-    return pl.DataFrame(out).with_columns(bootstrap=pl.lit(n_boot), confidence=pl.lit(level))
+    return pl.DataFrame(out).with_columns(confidence=pl.lit(level), **{
+        k: pl.lit(v) for k, v in ctx.resampling(contexts).items()})
 
 
 def _ce_table(ctx: AnalysisContext) -> pl.DataFrame:
     """For the SAE whose pursuit was spliced in: mean CE (nats) clean, with Sae(x) and with the pursuit
-    reconstruction, and the paired difference pursuit − sae with its interval over resampled contexts."""
+    reconstruction, and the paired difference pursuit − sae with its interval over resampled documents."""
     if not _has_rows(ctx, "token_ce"):
         return pl.DataFrame()
     with ctx.connect() as con:
@@ -107,7 +108,7 @@ def _ce_table(ctx: AnalysisContext) -> pl.DataFrame:
     for (sae_id,), part in per.partition_by("sae_id", as_dict=True, maintain_order=True).items():
         n = part["n"].to_numpy().astype(np.float64)
         cols = {c: part[c].to_numpy() for c in ("ce_clean", "ce_sae", "ce_pursuit")}
-        w = multiplicities(part.height, ctx.analysis.bootstrap, ctx.seed)
+        w = ctx.resample_weights(part["context"].to_numpy())
         diff = (w @ (cols["ce_pursuit"] - cols["ce_sae"])) / (w @ n)
         low, high = percentile_interval(diff, ctx.analysis.confidence)
         out.append({"sae_id": sae_id, **{c: float(v.sum() / n.sum()) for c, v in cols.items()},
@@ -153,9 +154,8 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     width = table.filter(pl.col("in_width_family")) if table["in_width_family"].any() else table
     widest = width.sort(["width", "k"], descending=[True, False]).row(0, named=True)
     out: dict[str, float | str] = {
-        "n_saes": table.height, "tokens": int(table["tokens"][0]), "contexts": int(table["contexts"][0]),
-        "bootstrap": int(table["bootstrap"][0]), "confidence": float(table["confidence"][0]),
-        "widest_sae_id": widest["sae_id"]}
+        "n_saes": table.height, "tokens": int(table["tokens"][0]), **resampling_summary(table),
+        "confidence": float(table["confidence"][0]), "widest_sae_id": widest["sae_id"]}
     for measure in MEASURES:
         out |= {f"delta_{measure}_pct_widest": widest[f"delta_{measure}_pct"],
                 f"delta_{measure}_pct_widest_ci_low": widest[f"delta_{measure}_pct_ci_low"],

@@ -7,6 +7,7 @@ the configuration's default, so an analysis can also be run by hand on any exper
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import numpy as np
 
 from darkmatter.config import AnalysisConfig, DecompositionConfig, ExperimentConfig, from_dict, to_dict
 from darkmatter.paths import ExperimentPaths
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,34 @@ class AnalysisContext:
         m = load_moments(self.paths.errors(hook) / DESIGN)
         return Design(m["fit"], m["test"], intercept=dc.intercept if intercept is None else intercept,
                       ridge=dc.ridge if ridge is None else ridge)
+
+    def documents_of(self, contexts: np.ndarray) -> np.ndarray:
+        """The source document of each eval context in ``contexts`` (the store's ``tokens.doc_id``; a context with
+        no document recorded is its own)."""
+        with self.connect() as con:
+            docs = dict(con.execute("SELECT DISTINCT context, doc_id FROM tokens").fetchall())
+        return np.array([docs.get(int(c)) or f"context {int(c)}" for c in contexts], dtype=object)
+
+    def resample_weights(self, contexts: np.ndarray) -> np.ndarray:
+        """[analysis.bootstrap, len(contexts)] multiplicities of the eval ``contexts`` in each resample of their
+        documents (:func:`darkmatter.analysis.stats.cluster_multiplicities`), seeded with the experiment's seed: the
+        same contexts give the same resamples in every analysis, so differences between SAEs are paired. No
+        resamples (0 rows: NaN intervals) when the contexts come from fewer than 2 documents."""
+        from darkmatter.analysis.stats import cluster_multiplicities
+
+        documents = self.documents_of(contexts).astype(str)
+        if len(set(documents)) < 2:  # one document: its variation between documents is unknown, so no interval
+            log.warning("the %d contexts come from %d document(s): intervals need at least 2; they are NaN",
+                        len(contexts), len(set(documents)))
+            return np.zeros((0, len(contexts)), dtype=np.int64)
+        return cluster_multiplicities(documents, self.analysis.bootstrap, self.seed)
+
+    def resampling(self, contexts: np.ndarray) -> dict[str, Any]:
+        """What the intervals over ``contexts`` resample, for the analyses' tables and summaries."""
+        from darkmatter.analysis.stats import RESAMPLING_UNIT
+
+        return {"resampling_unit": RESAMPLING_UNIT, "n_documents": len(set(self.documents_of(contexts))),
+                "n_contexts": len(contexts), "bootstrap": self.analysis.bootstrap}
 
     def with_options(self, **options: Any) -> AnalysisContext:
         """A copy whose ``analysis.<name>`` options are updated (tests, notebooks)."""

@@ -1,8 +1,11 @@
-"""The statistics analyses share: held-out R² on the store's split, R² resampled over eval contexts, trends.
+"""The statistics analyses share: held-out R² on the store's split, R² resampled over documents, trends.
 
-Intervals are percentile bootstraps over eval contexts (tokens of one context are correlated, so the context is the
-unit of resampling). A held-out R² is resampled from per-context test sums (:class:`darkmatter.regression.GroupSums`)
-with the fitted map held fixed: the interval covers the sampling of evaluation contexts, not the refit of the map.
+Intervals are percentile cluster bootstraps over source documents: tokens of one context are correlated, and so are
+the contexts cut from one long document (a State of the Union message, a stdlib module), so the document is the unit
+of resampling (:func:`cluster_multiplicities`). Sums are kept per eval context and a resample weights each context
+by its document's multiplicity. A held-out R² is resampled from per-context test sums
+(:class:`darkmatter.regression.GroupSums`) with the fitted map held fixed: the interval covers the sampling of
+evaluation documents, not the refit of the map.
 """
 
 from __future__ import annotations
@@ -14,10 +17,29 @@ import numpy as np
 
 from darkmatter.regression import Design, GroupSums, r2_scores, stream_moments
 
+RESAMPLING_UNIT = "document"  # what every interval resamples (named in the analyses' summaries)
+
 
 def multiplicities(n_groups: int, n_boot: int, seed: int) -> np.ndarray:
     """[n_boot, n_groups] counts of each group in a resample of n_groups drawn with replacement."""
     return np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_boot)
+
+
+def resampling_summary(table) -> dict[str, int | str]:
+    """The resampling fields of :meth:`AnalysisContext.resampling` from the first row of an analysis table that
+    carries them (empty otherwise): every summary names what its intervals resample."""
+    keys = ("resampling_unit", "n_documents", "n_contexts", "bootstrap")
+    if table.is_empty() or not all(k in table.columns for k in keys):
+        return {}
+    row = table.row(0, named=True)
+    return {k: row[k] if k == "resampling_unit" else int(row[k]) for k in keys}
+
+
+def cluster_multiplicities(clusters: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, G] multiplicities of G groups (e.g. eval contexts) when their clusters (``clusters`` [G], e.g. each
+    context's document) are drawn with replacement: a group counts as often as its cluster was drawn."""
+    labels, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    return multiplicities(len(labels), n_boot, seed)[:, inverse.reshape(-1)]
 
 
 def r2_interval(sums: GroupSums, cols: slice, weights: np.ndarray, confidence: float) -> dict[str, float]:

@@ -95,7 +95,8 @@ def make_store(root: Path, norms: Callable | None = None, widths=WIDTHS, with_ce
         "row": np.arange(n), "context": np.repeat(np.arange(N_CONTEXTS), N_POSITIONS),
         "position": np.tile(MIN_POS + np.arange(N_POSITIONS), N_CONTEXTS),
         "token_id": rng.integers(0, 40, n), "token_text": [f" t{i % 37}$" for i in range(n)],
-        "doc_id": ["sotu/x"] * n, "loss": rng.gamma(2.0, 1.0, n),
+        "doc_id": [f"sotu/{c // 2}" for c in np.repeat(np.arange(N_CONTEXTS), N_POSITIONS)],  # 2 contexts a doc
+        "loss": rng.gamma(2.0, 1.0, n),
     }).with_columns(  # the store has no loss at a context's last position (no next token)
         pl.when(pl.col("position") == MIN_POS + N_POSITIONS - 1).then(None).otherwise(pl.col("loss")).alias("loss"))
     saes = _sae_rows(widths)
@@ -270,12 +271,16 @@ def test_ce_contributions_match_hand_computed_values(store, tmp_path):
 
 def test_ce_contributions_seeded_bootstrap_is_reproducible(store, tmp_path):
     from analyses.ce_contributions import bootstrap_ce
+    from darkmatter.analysis.stats import cluster_multiplicities
 
     with store.connect() as con:
         per_token = con.sql("SELECT * FROM token_ce").pl()
-    a, b = (bootstrap_ce(per_token, 30, 0.9, seed=1).sort("sae_id") for _ in range(2))
+    def weights(seed):  # two consecutive contexts per document
+        return lambda contexts: cluster_multiplicities(contexts // 2, 30, seed)
+
+    a, b = (bootstrap_ce(per_token, 0.9, weights(1)).sort("sae_id") for _ in range(2))
     assert a.equals(b)
-    c = bootstrap_ce(per_token, 30, 0.9, seed=2).sort("sae_id")
+    c = bootstrap_ce(per_token, 0.9, weights(2)).sort("sae_id")
     assert not a["ce_clean_ci_low"].equals(c["ce_clean_ci_low"])
 
 
@@ -310,3 +315,13 @@ def test_no_width_family_degrades_without_crashing(store, tmp_path):
     assert _run("per_token_scaling", ctx, tmp_path)["summary"]["n_widths"] == 0
     ce = _run("ce_contributions", ctx, tmp_path)
     assert ce["summary"]["n_saes"] == 9 and not ce["table"]["in_width_family"].any()
+
+
+def test_intervals_need_two_documents(store, tmp_path, monkeypatch):
+    """All spliced contexts from one document: no between-document variation to resample, so the CE intervals are
+    absent rather than of zero width (the point estimates stay)."""
+    monkeypatch.setattr(AnalysisContext, "documents_of", lambda self, contexts: np.full(len(contexts), "one doc"))
+    assert store.resample_weights(np.arange(N_CONTEXTS)).shape == (0, N_CONTEXTS)
+    out = _run("ce_contributions", store, tmp_path)
+    assert "ce_sae_ci_low" not in out["table"].columns and out["table"]["ce_sae"].is_finite().all()
+    assert out["summary"]["n_documents"] == 1 and out["summary"]["resampling_unit"] == "document"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from darkmatter.analysis.stats import multiplicities, percentile_interval, pooled_fvu
+from darkmatter.analysis.stats import cluster_multiplicities, multiplicities, percentile_interval, pooled_fvu
 
 
 def test_pooled_fvu_of_a_resample_equals_the_fvu_of_its_rows(rng):
@@ -33,3 +33,30 @@ def test_percentile_interval_matches_numpy_and_ignores_nan():
     assert (low[0], high[0]) == pytest.approx(tuple(np.quantile(ok, [0.05, 0.95])))
     low, high = percentile_interval(np.empty((0, 3)), 0.9)
     assert low.shape == (3,) and np.isnan(low).all() and np.isnan(high).all()
+
+
+def test_document_resampling_covers_where_context_resampling_does_not(rng):
+    """Planted within-document correlation: 40 documents of 4 contexts each, a context's value = its document's
+    effect + its own noise. A 90% interval for the mean from resampling contexts treats the 160 contexts as
+    independent and under-covers badly; resampling documents covers at close to the nominal rate."""
+    n_docs, per_doc, reps, n_boot = 40, 4, 400, 400
+    documents = np.repeat(np.arange(n_docs), per_doc)
+    covered = {"context": 0, "document": 0}
+    for rep in range(reps):
+        y = rng.normal(size=n_docs)[documents] + 0.3 * rng.normal(size=len(documents))  # the true mean is 0
+        for unit, weights in (("context", multiplicities(len(y), n_boot, rep)),
+                              ("document", cluster_multiplicities(documents, n_boot, rep))):
+            low, high = percentile_interval((weights @ y) / weights.sum(1), 0.9)
+            covered[unit] += bool(low <= 0 <= high)
+    coverage = {unit: hits / reps for unit, hits in covered.items()}
+    assert coverage["context"] < 0.75, coverage  # expected ≈ 0.59 (its standard error is ~1.9× too small)
+    assert 0.84 <= coverage["document"] <= 0.95, coverage  # nominal 0.90; a percentile bootstrap runs slightly low
+
+
+def test_cluster_multiplicities_weight_each_group_by_its_cluster():
+    clusters = np.array(["b", "a", "b", "c", "a"])
+    w = cluster_multiplicities(clusters, 50, seed=3)
+    assert w.shape == (50, 5)
+    assert (w[:, 0] == w[:, 2]).all() and (w[:, 1] == w[:, 4]).all()  # groups of one cluster move together
+    assert (w[:, [0, 1, 3]].sum(1) == 3).all()  # 3 clusters drawn per resample
+    assert np.array_equal(w, cluster_multiplicities(clusters, 50, seed=3))
