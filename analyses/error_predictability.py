@@ -3,7 +3,7 @@
 For every SAE, SaeError = x − Sae(x) [d] and ‖SaeError‖² are regressed on x by least squares on the fit split, both
 affine and without intercept (one shared float64 design per hook), and scored by held-out R² on the test split:
 mean over output dimensions (the paper's number) and pooled for the vector. The fits are the stored decomposition's
-(darkmatter.errors.measure); intervals are percentile bootstraps over eval contexts of the configured map, with the
+(darkmatter.errors.measure); intervals are percentile bootstraps over eval documents of the configured map, with the
 map held fixed.
 """
 

@@ -2,7 +2,7 @@
 
 For v ∈ {x, Sae(x), SaeError, LinearError, NonlinearError} of every SAE, ‖v‖² (from the store's per-token norms;
 ‖x‖² from the activations) is regressed affinely on x on the fit split and scored by held-out R² on the test split,
-with bootstrap intervals over eval contexts. If v is a sparse sum of nearly orthogonal features with typical
+with bootstrap intervals over eval documents. If v is a sparse sum of nearly orthogonal features with typical
 magnitudes, ‖v‖² ≈ Σ_i m_i·⟨d_i, v⟩ is linear in v, and so in x when v's features are readable from x.
 """
 

@@ -224,7 +224,7 @@ class AnalysisConfig:
     named after the analysis module)."""
 
     names: tuple[str, ...] = ANALYSES
-    bootstrap: int = 200  # bootstrap resamples (over eval contexts) for confidence intervals
+    bootstrap: int = 200  # bootstrap resamples (of eval documents) for confidence intervals
     confidence: float = 0.95
     per_token_scaling: PerTokenScalingOptions = field(default_factory=PerTokenScalingOptions)
     synthetic_validation: SyntheticValidationOptions = field(default_factory=SyntheticValidationOptions)
