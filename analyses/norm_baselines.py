@@ -3,7 +3,8 @@
 For every SAE, ‖SaeError‖² is regressed affinely on single scalars — token identity (the mean of ‖SaeError‖² per
 token id over the fit rows; unseen ids get the fit-row mean), the model's clean CE loss at that token, the SAE's L0 on
 that token and ‖x‖ — and on all four together, fitted on the store's fit rows and scored by R² on its test rows; the
-comparison is the store's R² of ‖SaeError‖² from the full activation vector x on the same split.
+comparison is the store's R² of ‖SaeError‖² from the full activation vector x on the same split. Every R² carries
+a percentile interval from resampling eval documents (fits held fixed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import family_saes
-from darkmatter.analysis.stats import r2_on_fit_flag
+from darkmatter.analysis.stats import r2_interval, r2_interval_on_fit_flag, resampling_summary
+from darkmatter.errors.measure import TEST_SUMS
+from darkmatter.regression import GroupSums
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ COLOURS = ["#333333", "#f58518", "#54a24b", "#b279a2", "#9d755d", "#bab0ac"]
 
 def _per_token(ctx: AnalysisContext, sae_id: str) -> pl.DataFrame:
     with ctx.connect() as con:
-        return con.sql("""SELECT e.fit, e.error_norm_sq, e.l0, e.x_norm, t.token_id, t.loss
+        return con.sql("""SELECT e.fit, e.error_norm_sq, e.l0, e.x_norm, t.token_id, t.loss, t.context
                           FROM token_errors e JOIN tokens t USING (row) WHERE e.sae_id = ?
                           ORDER BY e.row""", params=[sae_id]).pl()
 
@@ -61,6 +64,19 @@ def baseline_features(frame: pl.DataFrame) -> dict[str, np.ndarray]:
             "r2_l0": frame["l0"].to_numpy(), "r2_x_norm": frame["x_norm"].to_numpy()}
 
 
+def _r2_x(ctx: AnalysisContext, sae: dict, level: float) -> dict[str, float]:
+    """The store's R² of ‖SaeError‖² from x, with its interval from the decomposition's per-context test sums (the
+    last column), resampled like the baselines'; without stored test sums, the point alone."""
+    path = ctx.paths.sae_errors(sae["hook"], sae["sae_id"]) / TEST_SUMS
+    if not path.is_file():
+        point = math.nan if sae["r2_norm_sq"] is None else sae["r2_norm_sq"]
+        return {"r2_x": point, "r2_x_low": math.nan, "r2_x_high": math.nan}
+    sums = GroupSums.load(path)
+    d = sums.sum.shape[1] - 1
+    x = r2_interval(sums, slice(d, d + 1), ctx.resample_weights(sums.groups), level)
+    return {"r2_x": x["pooled"], "r2_x_low": x["pooled_low"], "r2_x_high": x["pooled_high"]}
+
+
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per SAE: the held-out R² of each baseline beside the store's R² from x."""
     saes = family_saes(ctx)
@@ -71,22 +87,29 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
             log.warning("%s has no per-token errors; left out", sae["sae_id"])
             continue
         y, fit = frame["error_norm_sq"].to_numpy(), frame["fit"].to_numpy()
+        contexts, level = frame["context"].to_numpy(), ctx.analysis.confidence
         features = baseline_features(frame)
-        r2 = {name: r2_on_fit_flag(v, y, fit) for name, v in features.items()}
-        r2["r2_all_four"] = r2_on_fit_flag(np.column_stack(list(features.values())), y, fit)
-        x_r2 = sae["r2_norm_sq"]
+        features["r2_all_four"] = np.column_stack(list(features.values()))
+        r2: dict[str, float] = {}
+        for name, v in features.items():
+            r2[name], r2[f"{name}_low"], r2[f"{name}_high"] = r2_interval_on_fit_flag(
+                v, y, fit, contexts, ctx.resample_weights, level)
+        r2 |= _r2_x(ctx, sae, level)
         rows.append({"sae_id": sae["sae_id"], "architecture": sae["architecture"], "width": sae["width"],
-                     "k": sae["k"], "families": sae["families"], "r2_x": math.nan if x_r2 is None else x_r2,
-                     **r2, "l0_constant": bool(np.ptp(features["r2_l0"]) == 0), "n_test": int((~fit).sum())})
+                     "k": sae["k"], "families": sae["families"], **r2,
+                     "l0_constant": bool(np.ptp(features["r2_l0"]) == 0), "n_test": int((~fit).sum()),
+                     **ctx.resampling(np.unique(contexts)), "confidence": level})
     schema = {"sae_id": pl.Utf8, "architecture": pl.Utf8, "width": pl.Int64, "k": pl.Int64, "families": pl.Utf8,
-              **dict.fromkeys(BASELINES, pl.Float64), "l0_constant": pl.Boolean, "n_test": pl.Int64}
+              **{f"{b}{end}": pl.Float64 for b in BASELINES for end in ("", "_low", "_high")},
+              "l0_constant": pl.Boolean, "n_test": pl.Int64, "resampling_unit": pl.Utf8, "n_documents": pl.Int64,
+              "n_contexts": pl.Int64, "bootstrap": pl.Int64, "confidence": pl.Float64}
     return pl.DataFrame(rows, schema=schema).select("sae_id", "width", "k", *BASELINES, pl.all().exclude(
         "sae_id", "width", "k", *BASELINES))
 
 
 def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     """Median R² of each predictor over SAEs and the fraction of SAEs where x beats each scalar (and all four)."""
-    out: dict[str, float | str] = {"n_saes": table.height}
+    out: dict[str, float | str] = {"n_saes": table.height, **resampling_summary(table)}
     for name in BASELINES:
         col = table[name].drop_nans().drop_nulls()
         out[f"{name}_median"] = float(col.median()) if len(col) else math.nan  # type: ignore[arg-type]
@@ -96,13 +119,16 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     out["x_beats_each_scalar_fraction"] = float((table["r2_x"] > best_scalar).mean())  # type: ignore[arg-type]
     out["x_beats_all_four_fraction"] = float((table["r2_x"] > table["r2_all_four"]).mean())  # type: ignore[arg-type]
     out["x_minus_best_scalar_r2_median"] = float((table["r2_x"] - best_scalar).median())  # type: ignore[arg-type]
+    # x's interval above every scalar's (the intervals of one SAE share their resamples)
+    best_high = table.select(pl.max_horizontal([f"{s}_high" for s in SCALARS])).to_series()
+    out["x_beats_each_scalar_beyond_intervals_fraction"] = float((table["r2_x_low"] > best_high).mean())  # type: ignore[arg-type]
     if table["l0_constant"].any():
         out["note"] = "L0 is constant on some SAEs (TopK): its R² is that of the fit-row mean, about 0"
     return out
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:
-    """Grouped bars: held-out R² of ‖SaeError‖² per SAE and predictor."""
+    """Grouped bars: held-out R² of ‖SaeError‖² per SAE and predictor, with their intervals."""
     from darkmatter.analysis.figures import new_figure
 
     if table.is_empty():
@@ -111,7 +137,11 @@ def plot(table: pl.DataFrame) -> dict[str, object]:
     centres = np.arange(table.height)
     step = 0.8 / len(BASELINES)
     for i, ((name, label), colour) in enumerate(zip(BASELINES.items(), COLOURS, strict=True)):
-        ax.bar(centres - 0.4 + (i + 0.5) * step, table[name].fill_null(math.nan), step, color=colour, label=label)
+        value = table[name].fill_null(math.nan).to_numpy()
+        bounds = [table[f"{name}_{end}"].fill_null(math.nan).to_numpy() for end in ("low", "high")] \
+            if f"{name}_low" in table.columns else [value, value]
+        ax.bar(centres - 0.4 + (i + 0.5) * step, value, step, color=colour, label=label,
+               yerr=np.abs(np.stack(bounds) - value), error_kw={"lw": 0.6, "capsize": 1.5})
     ax.set_xticks(centres, [f"w{w}\nk{k}" for w, k in zip(table["width"], table["k"], strict=True)], fontsize=8)
     values = table.select(list(BASELINES)).to_numpy().astype(float)
     lowest = np.nanmin(values) if np.isfinite(values).any() else 0.0

@@ -2,7 +2,8 @@
 
 For the width family at fixed k, the per-token error norm ‖SaeError‖ of SAE j is regressed affinely on that of SAE i
 (widths i ≤ j) on the store's fit rows and scored by R² on its test rows; adding SAE i's ‖NonlinearError‖ as a
-second regressor gives the gain 100·(R²_new − R²_old)/(1 − R²_old), the share of the remaining variance it explains.
+second regressor gives the gain 100·(R²_new − R²_old)/(1 − R²_old), the share of the remaining variance it explains;
+both R² carry percentile intervals from resampling eval documents (fits held fixed).
 A trace of consecutive tokens of one typical eval context (median mean error of the widest SAE) shows the error norm
 per width and its split into ‖LinearError‖ and ‖NonlinearError‖.
 """
@@ -20,7 +21,7 @@ from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import mathtext_safe, note_figure
 from darkmatter.analysis.saes import family_name, family_saes, modal_group
-from darkmatter.analysis.stats import r2_on_fit_flag
+from darkmatter.analysis.stats import r2_interval_on_fit_flag, resampling_summary
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,17 @@ NORMS = ["error_norm", "linear_error_norm", "nonlinear_error_norm"]
 def _norms(ctx: AnalysisContext, sae_ids: list[str]) -> pl.DataFrame:
     """Long per-token norms of ``sae_ids`` restricted to the rows every one of them has, sorted by (sae_id, row)."""
     with ctx.connect() as con:
-        long = con.sql(f"SELECT sae_id, row, fit, {', '.join(NORMS)} FROM token_errors "
-                       "WHERE list_contains(?, sae_id) ORDER BY sae_id, row", params=[sae_ids]).pl()
+        long = con.sql(f"SELECT e.sae_id, e.row, e.fit, t.context, {', '.join('e.' + n for n in NORMS)} "
+                       "FROM token_errors e JOIN tokens t USING (row) "
+                       "WHERE list_contains(?, e.sae_id) ORDER BY e.sae_id, e.row", params=[sae_ids]).pl()
     common = long.group_by("row").len().filter(pl.col("len") == len(sae_ids)).select("row")
     if common.height < long["row"].n_unique():
         log.warning("only %d of %d rows are scored by all SAEs; using those", common.height, long["row"].n_unique())
     return long.join(common, on="row", how="semi").sort("sae_id", "row")
 
 
-def _pairs(saes: pl.DataFrame, long: pl.DataFrame) -> pl.DataFrame:
-    """Held-out R² of ‖e_j‖ from ‖e_i‖, and from (‖e_i‖, ‖NonlinearError_i‖), for widths i ≤ j."""
+def _pairs(ctx: AnalysisContext, saes: pl.DataFrame, long: pl.DataFrame) -> pl.DataFrame:
+    """Held-out R² of ‖e_j‖ from ‖e_i‖, and from (‖e_i‖, ‖NonlinearError_i‖), for widths i ≤ j, with intervals."""
     per = {sid: part for (sid,), part in long.partition_by("sae_id", as_dict=True).items()}
     ids, widths = saes["sae_id"].to_list(), saes["width"].to_list()
     rows = []
@@ -55,13 +57,18 @@ def _pairs(saes: pl.DataFrame, long: pl.DataFrame) -> pl.DataFrame:
         e_i, nl_i = per[sid_i]["error_norm"].to_numpy(), per[sid_i]["nonlinear_error_norm"].to_numpy()
         for sid_j, w_j in zip(ids[a:], widths[a:], strict=True):
             target, fit = per[sid_j]["error_norm"].to_numpy(), per[sid_j]["fit"].to_numpy()  # the target's split
-            r2_old = r2_on_fit_flag(e_i, target, fit)
-            r2_new = r2_on_fit_flag(np.column_stack([e_i, nl_i]), target, fit)
+            contexts, level = per[sid_j]["context"].to_numpy(), ctx.analysis.confidence
+            r2_old, old_low, old_high = r2_interval_on_fit_flag(e_i, target, fit, contexts, ctx.resample_weights,
+                                                                level)
+            r2_new, new_low, new_high = r2_interval_on_fit_flag(np.column_stack([e_i, nl_i]), target, fit, contexts,
+                                                                ctx.resample_weights, level)
             # the gain is undefined on the diagonal (and whenever R²_old is already 1): nothing is left to explain
             gain = 100 * (r2_new - r2_old) / (1 - r2_old) if sid_i != sid_j and 1 - r2_old > 1e-9 else math.nan
             rows.append({"sae_i": sid_i, "sae_j": sid_j, "width_i": w_i, "width_j": w_j, "r2": r2_old,
-                         "r2_with_nonlinear": r2_new, "nonlinear_gain_pct_of_unexplained": gain,
-                         "n_test": int((~fit).sum())})
+                         "r2_low": old_low, "r2_high": old_high, "r2_with_nonlinear": r2_new,
+                         "r2_with_nonlinear_low": new_low, "r2_with_nonlinear_high": new_high,
+                         "nonlinear_gain_pct_of_unexplained": gain, "n_test": int((~fit).sum()),
+                         **ctx.resampling(np.unique(contexts)), "confidence": level})
     return pl.DataFrame(rows)
 
 
@@ -87,7 +94,7 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     if saes.height < 2:
         return pl.DataFrame({"section": [], "note": []}, schema={"section": pl.Utf8, "note": pl.Utf8})
     label = {"architecture": saes["architecture"][0], "k": int(saes["k"][0])}
-    pairs = _pairs(saes, _norms(ctx, saes["sae_id"].to_list()))
+    pairs = _pairs(ctx, saes, _norms(ctx, saes["sae_id"].to_list()))
     trace = _trace(ctx, saes)
     return pl.concat([pairs.with_columns(section=pl.lit("pair")), trace.with_columns(section=pl.lit("trace"))],
                      how="diagonal_relaxed").with_columns(**{k: pl.lit(v) for k, v in label.items()})
@@ -122,9 +129,12 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         "r2_nonadjacent_mean": _mean(off.filter(pl.col("gap") > 1)["r2"]),
         "adjacent_is_best_predictor_fraction": float((best["best_gap"] == 1).mean()) if best.height else math.nan,
         "r2_smallest_to_largest": float(smallest_to_largest["r2"][0]),
+        "r2_smallest_to_largest_low": float(smallest_to_largest["r2_low"][0]),
+        "r2_smallest_to_largest_high": float(smallest_to_largest["r2_high"][0]),
         "nonlinear_gain_pct_mean": _mean(off["nonlinear_gain_pct_of_unexplained"]),
         "n_test_tokens": int(pairs["n_test"][0]),
         "trace_context": int(table.filter(pl.col("section") == "trace")["context"][0]),
+        **resampling_summary(pairs),
     }
 
 

@@ -21,7 +21,9 @@ from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_saes
-from darkmatter.analysis.stats import trend
+from darkmatter.analysis.stats import percentile_interval, r2_interval, resampling_summary, trend
+from darkmatter.errors.measure import TEST_SUMS
+from darkmatter.regression import GroupSums
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,29 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     saes = saes.filter(pl.col("architecture") == arch)
     # The measured mean L0 (not k) is the y coordinate: for BatchTopK/ReLU/JumpReLU k is only a target.
     l0 = pl.coalesce(pl.col("l0_mean"), pl.col("k").cast(pl.Float64))
-    return saes.with_columns(pl.col("width").cast(pl.Float64).log(2).alias("log2_width"),
-                             l0.log(2).alias("log2_l0"))
+    saes = saes.with_columns(pl.col("width").cast(pl.Float64).log(2).alias("log2_width"), l0.log(2).alias("log2_l0"))
+    resampled = [_resampled_r2(ctx, row) for row in saes.iter_rows(named=True)]
+    if all(r is not None for r in resampled):
+        saes = saes.with_columns(pl.DataFrame(resampled))
+    return saes
+
+
+def _resampled_r2(ctx: AnalysisContext, sae: dict) -> dict[str, object] | None:
+    """The SAE's R² metrics with intervals, and their value in every resample of documents (the same resamples for
+    every SAE: the slopes' intervals resample them jointly), from its stored per-context test sums; None without."""
+    path = ctx.paths.sae_errors(ctx.hook, sae["sae_id"]) / TEST_SUMS
+    if not path.is_file():
+        return None
+    sums = GroupSums.load(path)
+    d, weights, level = sums.sum.shape[1] - 1, ctx.resample_weights(sums.groups), ctx.analysis.confidence
+    out: dict[str, object] = ctx.resampling(sums.groups)
+    for metric, cols, key in (("r2_norm_sq", slice(d, d + 1), "pooled"), ("r2_vector_mean_dims", slice(0, d),
+                                                                            "mean_dims")):
+        r2 = r2_interval(sums, cols, weights, level)
+        draws = [getattr(s, f"r2_{key}") for s in sums.r2(cols, weights)] if len(weights) else []
+        out |= {f"{metric}_low": r2[f"{key}_low"], f"{metric}_high": r2[f"{key}_high"],
+                f"{metric}_draws": [float(v) for v in draws]}
+    return out
 
 
 def _slice_trend(table: pl.DataFrame, fixed: str, varying: str, metric: str, level: float
@@ -69,13 +92,20 @@ def _slice_trend(table: pl.DataFrame, fixed: str, varying: str, metric: str, lev
                                                                                   descending=[True, False])
     part = table.filter(pl.col(fixed) == counts[fixed][0])
     x = part[coord].to_numpy()
-    return trend(x, part[metric].cast(pl.Float64).fill_null(math.nan).to_numpy(), level)
+    slope, low, high = trend(x, part[metric].cast(pl.Float64).fill_null(math.nan).to_numpy(), level)
+    draws = f"{metric}_draws"
+    if draws in part.columns and np.unique(x).size >= 2 and len(part[draws][0]):
+        # the slope in every resample of documents (all SAEs' values from the same resample)
+        values = np.array(part[draws].to_list(), dtype=np.float64)  # [SAEs, resamples]
+        slopes = np.polyfit(x - x.mean(), values, 1)[0]
+        low, high = (float(v) for v in percentile_interval(slopes, level))
+    return slope, low, high
 
 
 def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     """Range of each metric over the grid and its trend per doubling of width and of L0 (with t intervals)."""
     level = float(table["confidence"][0]) if not table.is_empty() else math.nan
-    out: dict[str, float | str] = {"n_saes": table.height, "confidence": level}
+    out: dict[str, float | str] = {"n_saes": table.height, "confidence": level, **resampling_summary(table)}
     if not table.is_empty():
         out["architecture"] = table["architecture"][0]
     for metric in METRICS:

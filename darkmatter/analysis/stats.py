@@ -14,8 +14,9 @@ import math
 import warnings
 
 import numpy as np
+import torch
 
-from darkmatter.regression import Design, GroupSums, r2_scores, stream_moments
+from darkmatter.regression import Design, GroupSums, GroupSumsAccumulator, stream_moments
 
 RESAMPLING_UNIT = "document"  # what every interval resamples (named in the analyses' summaries)
 
@@ -64,12 +65,13 @@ def r2_interval(sums: GroupSums, cols: slice, weights: np.ndarray, confidence: f
     return out
 
 
-def r2_on_fit_flag(features: np.ndarray, y: np.ndarray, fit: np.ndarray) -> float:
-    """Test-split R² of the affine least-squares fit ``y ≈ features·β + β₀`` on the rows where ``fit`` is True.
+def test_sums_on_fit_flag(features: np.ndarray, y: np.ndarray, fit: np.ndarray, groups: np.ndarray) -> GroupSums:
+    """Per-group test-row sums (:class:`GroupSums`, for resampled R²) of the affine least-squares fit
+    ``y ≈ features·β + β₀`` on the rows where ``fit`` is True.
 
-    ``features`` [N] or [N, p], ``y`` [N], ``fit`` [N] bool (the store's ``fit`` flag). Columns constant on the fit
-    rows are dropped (an affine fit cannot use them; e.g. L0 of a TopK SAE); with none left the prediction is the
-    fit-row mean, so R² = 1 − Σ(y − ȳ_fit)²/Σ(y − ȳ_test)² ≤ 0 on the test rows.
+    ``features`` [N] or [N, p], ``y`` [N], ``fit`` [N] bool (the store's ``fit`` flag), ``groups`` [N] (e.g. each
+    row's eval context). Columns constant on the fit rows are dropped (an affine fit cannot use them; e.g. L0 of a
+    TopK SAE); with none left the prediction is the fit-row mean, so R² = 1 − Σ(y − ȳ_fit)²/Σ(y − ȳ_test)² ≤ 0.
     """
     x = np.asarray(features, dtype=np.float64)
     x = x[:, None] if x.ndim == 1 else x
@@ -78,12 +80,31 @@ def r2_on_fit_flag(features: np.ndarray, y: np.ndarray, fit: np.ndarray) -> floa
     if fit.all() or not fit.any():
         raise ValueError(f"the fit flag marks {int(fit.sum())} of {fit.size} rows; both splits must be non-empty.")
     varying = np.ptp(x[fit], axis=0) > 0
-    if not varying.any():
-        return float(r2_scores(y[~fit], np.full((~fit).sum(), y[fit].mean())).r2_pooled)
-    m = stream_moments(x[:, varying], y, fit)
-    assert m.x is not None and m.y is not None
-    design = Design(m.x[0], m.x[1], intercept=True)
-    return float(design.heldout_r2(design.solve(m.y[0]), m.y[1]).r2_pooled)
+    if varying.any():
+        m = stream_moments(x[:, varying], y, fit)
+        assert m.x is not None and m.y is not None
+        design = Design(m.x[0], m.x[1], intercept=True)
+        predicted = design.solve(m.y[0]).predict(x[~fit][:, varying])[:, 0]
+    else:
+        predicted = np.full((~fit).sum(), y[fit].mean())
+    test = np.asarray(groups)[~fit]
+    acc = GroupSumsAccumulator(test)
+    acc.add(test, torch.from_numpy(y[~fit, None]), torch.from_numpy((y[~fit] - predicted)[:, None]))
+    return acc.result()
+
+
+def r2_on_fit_flag(features: np.ndarray, y: np.ndarray, fit: np.ndarray) -> float:
+    """Test-split R² of the fit of :func:`test_sums_on_fit_flag` (all test rows as one group)."""
+    return float(test_sums_on_fit_flag(features, y, fit, np.zeros(len(y), dtype=np.int64)).r2()[0].r2_pooled)
+
+
+def r2_interval_on_fit_flag(features: np.ndarray, y: np.ndarray, fit: np.ndarray, groups: np.ndarray,
+                            resample_weights, confidence: float) -> tuple[float, float, float]:
+    """(R², low, high): :func:`r2_on_fit_flag` with the percentile interval over resamples of the groups;
+    ``resample_weights(group_ids)`` gives their multiplicities [B, G] (e.g. AnalysisContext.resample_weights)."""
+    sums = test_sums_on_fit_flag(features, y, fit, groups)
+    r2 = r2_interval(sums, slice(0, 1), resample_weights(sums.groups), confidence)
+    return r2["pooled"], r2["pooled_low"], r2["pooled_high"]
 
 
 def trend(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float, float]:

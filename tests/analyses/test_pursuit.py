@@ -93,3 +93,19 @@ def test_a_half_measured_pursuit_is_refused_by_the_store(tmp_path):
     with pytest.raises(StoreError, match=f"{METRICS} is missing; rerun measure_pursuit"):
         build_experiment_database(small.paths, families, HOOK, out=tmp_path / "x.duckdb", tokenizer=_ByteTokenizer())
     assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_every_analysis_resamples_the_same_documents(exp, tmp_path):
+    """An SAE's R² interval is the same in error_predictability and in width_k_contours (both resample its stored
+    test sums with the same documents), and every summary names documents as its unit."""
+    pred = exp.run("error_predictability", tmp_path / "pred")
+    contours = exp.run("width_k_contours", tmp_path / "contours")
+    default = pred["table"].filter(pl.col("default"))
+    joined = default.join(contours["table"], on="sae_id", suffix="_c")
+    assert joined.height == len(exp.sae_ids)
+    for col in ("r2_norm_sq_low", "r2_norm_sq_high", "r2_vector_mean_dims_low", "r2_vector_mean_dims_high"):
+        np.testing.assert_allclose(joined[col], joined[f"{col}_c"], rtol=1e-12)
+    for out, documents in ((pred, 12), (contours, 12), (exp.run("pursuit", tmp_path / "p"), 7),  # 7 pursued
+                           (exp.run("norm_baselines", tmp_path / "nb"), 12),
+                           (exp.run("per_token_scaling", tmp_path / "pts"), 12)):
+        assert out["summary"]["resampling_unit"] == "document" and out["summary"]["n_documents"] == documents

@@ -60,3 +60,26 @@ def test_cluster_multiplicities_weight_each_group_by_its_cluster():
     assert (w[:, 0] == w[:, 2]).all() and (w[:, 1] == w[:, 4]).all()  # groups of one cluster move together
     assert (w[:, [0, 1, 3]].sum(1) == 3).all()  # 3 clusters drawn per resample
     assert np.array_equal(w, cluster_multiplicities(clusters, 50, seed=3))
+
+
+def test_r2_on_fit_flag_matches_scikit_learn_and_resamples_by_group(rng):
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+
+    from darkmatter.analysis.stats import r2_interval_on_fit_flag, r2_on_fit_flag
+
+    n = 3000
+    x = rng.normal(size=(n, 3))
+    x[:, 2] = 7.0  # constant on every row: dropped from the fit
+    y = x[:, :2] @ [1.5, -0.5] + rng.normal(size=n)
+    fit = rng.random(n) < 0.6
+    want = r2_score(y[~fit], LinearRegression().fit(x[fit, :2], y[fit]).predict(x[~fit, :2]))
+    assert r2_on_fit_flag(x, y, fit) == pytest.approx(want, rel=1e-10)
+    # nothing varies: the prediction is the fit-row mean
+    assert r2_on_fit_flag(x[:, 2], y, fit) == pytest.approx(1 - ((y[~fit] - y[fit].mean()) ** 2).sum()
+                                                            / ((y[~fit] - y[~fit].mean()) ** 2).sum(), rel=1e-10)
+    groups = np.arange(n) // 100  # 30 groups
+    r2, low, high = r2_interval_on_fit_flag(x, y, fit, groups, lambda g: multiplicities(len(g), 200, 0), 0.9)
+    assert r2 == pytest.approx(want, rel=1e-10) and low < r2 < high and high - low < 0.1
+    r2, low, high = r2_interval_on_fit_flag(x, y, fit, groups, lambda g: np.zeros((0, len(g))), 0.9)
+    assert r2 == pytest.approx(want, rel=1e-10) and np.isnan(low) and np.isnan(high)  # no resamples, no interval
