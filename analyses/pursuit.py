@@ -17,9 +17,10 @@ import polars as pl
 
 from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.eval import context_sums, error_sums_by_context
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_name, family_saes, in_family
-from darkmatter.analysis.stats import percentile_interval, pooled_fvu, resampling_summary
+from darkmatter.analysis.stats import percentile_interval, resampling_summary
 
 log = logging.getLogger(__name__)
 
@@ -40,52 +41,34 @@ def _has_rows(ctx: AnalysisContext, table: str) -> bool:
         return bool(found[0][0]) and bool(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
 
 
-def _group_sums(ctx: AnalysisContext) -> tuple[pl.DataFrame, np.ndarray, dict[str, np.ndarray]]:
-    """Per (method, sae_id, context) Σ‖error‖² and Σ‖NonlinearError‖²; the contexts in order; and per context the
-    x sums that the pooled FVU's denominator needs (n, Σx, Σ‖x‖²) over the pursued rows."""
-    with ctx.connect() as con:
-        sums = con.sql("""SELECT p.method, p.sae_id, t.context, count(*) AS n,
-                                 sum(p.error_norm_sq::DOUBLE) AS sse,
-                                 sum(p.nonlinear_error_norm::DOUBLE * p.nonlinear_error_norm) AS sse_nonlinear
-                          FROM pursuit_errors p JOIN tokens t USING (row) GROUP BY ALL""").pl()
-        rows = con.sql("""SELECT DISTINCT p.row, t.context FROM pursuit_errors p JOIN tokens t USING (row)
-                          ORDER BY p.row""").pl()
-    contexts, group = np.unique(rows["context"].to_numpy(), return_inverse=True)
-    x = np.asarray(ctx.eval_store().activations(ctx.hook)[rows["row"].to_numpy()], dtype=np.float64)
-    x_stats = {"n": np.bincount(group, minlength=len(contexts)).astype(np.float64),
-               "x_sum": np.stack([np.bincount(group, x[:, j], len(contexts)) for j in range(x.shape[1])], 1),
-               "x_sq": np.bincount(group, (x * x).sum(1), len(contexts))}
-    return sums, contexts, x_stats
-
-
 def _fvu_table(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per pursued SAE: both methods' pooled FVUs, their differences and the differences' intervals."""
-    sums, contexts, x_stats = _group_sums(ctx)
+    with ctx.connect() as con:
+        rows = con.sql("SELECT DISTINCT row FROM pursuit_errors ORDER BY row").pl()["row"].to_numpy()
+        sae_ids = [r[0] for r in con.execute("SELECT DISTINCT sae_id FROM pursuit_errors ORDER BY sae_id").fetchall()]
+    x = context_sums(ctx, ctx.hook, rows)
+    sums = {method: error_sums_by_context(ctx, sae_ids, x.contexts, "pursuit_errors", f"e.method = '{method}'")
+            for method in ("encoder", "pursuit")}
     level = ctx.analysis.confidence
-    weights = ctx.resample_weights(contexts)
-    index = {c: i for i, c in enumerate(contexts)}
+    weights = ctx.resample_weights(x.contexts)
     out = []
-    for (sae_id,), part in sums.partition_by("sae_id", as_dict=True, maintain_order=True).items():
-        sse = np.zeros((len(contexts), 2 * len(MEASURES)))  # columns: (measure, method)
-        for r in part.iter_rows(named=True):
-            for j, measure in enumerate(MEASURES):
-                col = 2 * j + (r["method"] == "pursuit")
-                sse[index[r["context"]], col] = r["sse" if measure == "fvu" else "sse_nonlinear"]
-        point = pooled_fvu(sse, x_stats["n"], x_stats["x_sum"], x_stats["x_sq"])[0]
-        draws = pooled_fvu(sse, x_stats["n"], x_stats["x_sum"], x_stats["x_sq"], weights)
-        row: dict[str, object] = {"sae_id": sae_id, "tokens": int(x_stats["n"].sum())}
+    for sae_id in sae_ids:
+        # columns: (FVU, FVU_nonlinear) of the encoder, then of the pursuit
+        sse = np.concatenate([sums["encoder"][sae_id], sums["pursuit"][sae_id]], axis=1)
+        point, draws = x.fvu(sse)[0], x.fvu(sse, weights)
+        row: dict[str, object] = {"sae_id": sae_id, "tokens": int(x.n.sum())}
         for j, measure in enumerate(MEASURES):
-            enc, pur = point[2 * j], point[2 * j + 1]
-            delta = draws[:, 2 * j + 1] - draws[:, 2 * j]
+            enc, pur = point[j], point[2 + j]
+            delta = draws[:, 2 + j] - draws[:, j]
             low, high = percentile_interval(delta, level)
-            rel_low, rel_high = percentile_interval(100 * delta / draws[:, 2 * j], level)
+            rel_low, rel_high = percentile_interval(100 * delta / draws[:, j], level)
             row |= {f"{measure}_encoder": enc, f"{measure}_pursuit": pur, f"delta_{measure}": pur - enc,
                     f"delta_{measure}_ci_low": float(low), f"delta_{measure}_ci_high": float(high),
                     f"delta_{measure}_pct": 100 * (pur - enc) / enc, f"delta_{measure}_pct_ci_low": float(rel_low),
                     f"delta_{measure}_pct_ci_high": float(rel_high)}
         out.append(row)
     return pl.DataFrame(out).with_columns(confidence=pl.lit(level), **{
-        k: pl.lit(v) for k, v in ctx.resampling(contexts).items()})
+        k: pl.lit(v) for k, v in ctx.resampling(x.contexts).items()})
 
 
 def _ce_table(ctx: AnalysisContext) -> pl.DataFrame:

@@ -4,9 +4,10 @@ FVU_total of the width family at fixed k is fitted as c + a·W^(−m) by nonline
 (darkmatter.errors.scaling) and stacked as in the paper's Figure 1: absent features (curve − c), linear error
 (c − mean FVU_nonlinear) and nonlinear error (FVU_nonlinear of the stored decomposition), of which the encoder
 error is the share that gradient pursuit with the SAE's own decoder removes (mean over widths of FVU_nonlinear of the
-encoder minus that of the pursuit, on the pursued tokens; analyses/pursuit.py). Whether FVU_nonlinear is flat is
-read from the OLS slope of FVU_nonlinear on log2 width and its t interval; with fewer than 4 widths the law is not
-fitted and its numbers are NaN.
+encoder minus that of the pursuit, on the pursued tokens; analyses/pursuit.py). Whether FVU_nonlinear is flat is an
+equivalence test on the OLS slope of FVU_nonlinear on log2 width: flat when its 90% intervals (t over the widths, and
+percentile over resampled documents) lie within a practical margin (analysis option flat_margin_pct, ±1% of the mean
+per doubling); with fewer than 4 widths the law is not fitted and its numbers are NaN.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import polars as pl
 
 from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.eval import context_sums, error_sums_by_context
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_name, family_saes
-from darkmatter.analysis.stats import trend
+from darkmatter.analysis.stats import percentile_interval, resampling_summary, trend
 from darkmatter.errors.scaling import fit_power_law, power_law, scaling_decomposition
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,14 @@ MEASURED = ["architecture", "k", "width", "sae_id", "seed", "l0_mean", "fvu", "f
 FIT = ["a", "a_ci_low", "a_ci_high", "c", "c_ci_low", "c_ci_high", "m", "m_ci_low", "m_ci_high", "residual_std"]
 REGIONS = ["fvu_fit", "absent_features", "linear_error", "nonlinear_error"]
 SLOPE = ["fvu_nonlinear_slope_per_doubling", "fvu_nonlinear_slope_ci_low", "fvu_nonlinear_slope_ci_high"]
+# the slope's intervals over resampled documents (at the confidence level, and at 90% for the equivalence test), and
+# its t interval at 90%: the "flat" verdict needs both 90% intervals inside the practical margin
+SLOPE_EQUIVALENCE = ["fvu_nonlinear_slope_doc_ci_low", "fvu_nonlinear_slope_doc_ci_high",
+                     "fvu_nonlinear_slope_doc_90_low", "fvu_nonlinear_slope_doc_90_high",
+                     "fvu_nonlinear_slope_t_90_low", "fvu_nonlinear_slope_t_90_high"]
+INTERVALS = ["fvu_ci_low", "fvu_ci_high", "fvu_nonlinear_ci_low", "fvu_nonlinear_ci_high"]
+EQUIVALENCE_LEVEL = 0.90  # two one-sided tests at 5% each
+RESAMPLING = ["resampling_unit", "n_documents", "n_contexts", "bootstrap"]
 
 
 def _fit_group(group: pl.DataFrame, level: float) -> pl.DataFrame:
@@ -56,9 +66,19 @@ def _fit_group(group: pl.DataFrame, level: float) -> pl.DataFrame:
         regions = scaling_decomposition(fit, widths, nonlinear)
         cols.update({"fvu_fit": regions["fvu_total_fit"], "absent_features": regions["absent_features"],
                      "linear_error": regions["linear_error"], "nonlinear_error": regions["nonlinear_error"]})
-    # Flatness of FVU_nonlinear: slope per doubling of width (log2), with its t interval over the widths.
-    cols.update(dict(zip(SLOPE, trend(np.log2(widths), nonlinear, level), strict=True)))
-    return group.select(MEASURED).with_columns(
+    # Flatness of FVU_nonlinear: slope per doubling of width (log2), with its t interval over the widths, and its
+    # intervals over resampled documents (every width's FVU_nonlinear recomputed on the same resample)
+    x = np.log2(widths)
+    cols.update(dict(zip(SLOPE, trend(x, nonlinear, level), strict=True)))
+    cols.update(dict(zip(SLOPE_EQUIVALENCE[4:], trend(x, nonlinear, EQUIVALENCE_LEVEL)[1:], strict=True)))
+    cols.update(dict.fromkeys(SLOPE_EQUIVALENCE[:4], math.nan))
+    draws = group["fvu_nonlinear_draws"] if "fvu_nonlinear_draws" in group.columns else None
+    if draws is not None and draws.null_count() == 0 and np.unique(x).size >= 2 and len(draws[0]):
+        slopes = np.polyfit(x - x.mean(), np.array(draws.to_list()), 1)[0]
+        for conf, (low, high) in ((level, SLOPE_EQUIVALENCE[:2]), (EQUIVALENCE_LEVEL, SLOPE_EQUIVALENCE[2:4])):
+            cols[low], cols[high] = (float(v) for v in percentile_interval(slopes, conf))
+    keep = MEASURED + [c for c in INTERVALS if c in group.columns]
+    return group.select(keep).with_columns(
         *[pl.Series(k, np.broadcast_to(np.asarray(v, dtype=np.float64), widths.shape)) for k, v in cols.items()],
         pl.lit(note).alias("note"),
     )
@@ -73,16 +93,37 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
             "architecture": pl.Utf8, "sae_id": pl.Utf8, "note": pl.Utf8, "primary": pl.Boolean, "confidence": pl.Float64}
         return pl.DataFrame(schema=schema)
     saes = saes.with_columns(pl.col("width").cast(pl.Int64), pl.col("k").cast(pl.Int64)).join(
-        _encoder_error(ctx), on="sae_id", how="left")
+        _encoder_error(ctx), on="sae_id", how="left").join(_fvu_intervals(ctx, saes), on="sae_id", how="left")
     groups = saes.partition_by(["architecture", "k"], maintain_order=True)
-    table = pl.concat([_fit_group(g, level) for g in groups], how="vertical_relaxed")
+    table = pl.concat([_fit_group(g, level) for g in groups], how="vertical_relaxed").join(
+        saes.select("sae_id", *[c for c in RESAMPLING if c in saes.columns]), on="sae_id", how="left")
     # The slice with the most widths is the headline (the config's width family has a single k by default).
     n_widths = table.group_by("architecture", "k").agg(pl.col("width").n_unique().alias("n"))
     best = n_widths.sort(["n", "k"], descending=[True, False]).row(0, named=True)
     primary = (pl.col("architecture") == best["architecture"]) & (pl.col("k") == best["k"])
     lead = ["width", "k", "fvu", "fvu_nonlinear", "fvu_linear", "fvu_fit", "c", "m"]  # what the report shows first
-    return table.with_columns(primary.alias("primary"), pl.lit(level).alias("confidence")).select(
-        *lead, pl.exclude(lead))
+    margin = ctx.options.flat_margin_pct
+    return table.with_columns(primary.alias("primary"), pl.lit(level).alias("confidence"),
+                              pl.lit(margin).alias("flat_margin_pct")).select(*lead, pl.exclude(lead))
+
+
+def _fvu_intervals(ctx: AnalysisContext, saes: pl.DataFrame) -> pl.DataFrame:
+    """Per SAE, the intervals of FVU_total and FVU_nonlinear over resampled documents (b* held fixed; from the
+    store's per-token error norms and the activations' per-context sums) and FVU_nonlinear in every resample."""
+    ids = saes["sae_id"].to_list()
+    if not (ctx.paths.activations("eval") / "meta.json").is_file():  # a store without its activations: no intervals
+        log.warning("no eval activations at %s: FVU intervals over documents left out", ctx.paths.activations("eval"))
+        return pl.DataFrame({"sae_id": ids})
+    x = context_sums(ctx, ctx.hook)
+    weights = ctx.resample_weights(x.contexts)
+    rows = []
+    for sae_id, sse in error_sums_by_context(ctx, ids, x.contexts).items():
+        draws = x.fvu(sse, weights)  # [B, 2]: FVU_total, FVU_nonlinear
+        (fvu_low, nl_low), (fvu_high, nl_high) = percentile_interval(draws, ctx.analysis.confidence)
+        rows.append({"sae_id": sae_id, "fvu_ci_low": fvu_low, "fvu_ci_high": fvu_high, "fvu_nonlinear_ci_low": nl_low,
+                     "fvu_nonlinear_ci_high": nl_high, "fvu_nonlinear_draws": draws[:, 1].tolist()})
+    return pl.DataFrame(rows, schema_overrides={"fvu_nonlinear_draws": pl.List(pl.Float64)}).with_columns(
+        **{k: pl.lit(v) for k, v in ctx.resampling(x.contexts).items()})
 
 
 def _encoder_error(ctx: AnalysisContext) -> pl.DataFrame:
@@ -115,6 +156,30 @@ def _verdict(value: float, low: float, high: float, below: str, above: str, insi
     return below if high < value else above if low > value else inside
 
 
+def _flatness(first: dict, nl_mean: float) -> dict[str, float | str]:
+    """Is FVU_nonlinear flat in width? An equivalence test against the practical margin ± flat_margin_pct % of its
+    mean per doubling: "yes" when both 90% intervals of the slope (over documents, over widths) lie inside it, "no"
+    when the slope's interval at the confidence level (either kind) lies wholly outside it, else "undetermined"."""
+    margin = first["flat_margin_pct"] / 100 * nl_mean
+    # the intervals that exist (the document ones need the store's activations)
+    inner = [v for v in (first[k] for k in SLOPE_EQUIVALENCE[2:]) if math.isfinite(v)]
+    outer = [(first["fvu_nonlinear_slope_ci_low"], first["fvu_nonlinear_slope_ci_high"]),
+             (first["fvu_nonlinear_slope_doc_ci_low"], first["fvu_nonlinear_slope_doc_ci_high"])]
+    if not (math.isfinite(margin) and inner):
+        verdict = "unknown"
+    elif all(-margin < v < margin for v in inner):
+        verdict = f"yes (within ±{first['flat_margin_pct']:g}% of the mean per doubling)"
+    elif any(high < -margin for _, high in outer):
+        verdict = "no (falls with width)"
+    elif any(low > margin for low, _ in outer):
+        verdict = "no (rises with width)"
+    else:
+        verdict = "undetermined (the intervals reach past the margin)"
+    doc = {k: first[f"fvu_nonlinear_slope_{k}"] for k in ("doc_ci_low", "doc_ci_high")}
+    return {"fvu_nonlinear_flat": verdict, "flat_margin_fvu_per_doubling": margin,
+            **{f"fvu_nonlinear_slope_{k}": v for k, v in doc.items() if math.isfinite(v)}}
+
+
 def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     """The law's c and m with intervals, and how FVU_nonlinear sits relative to c (primary k slice)."""
     main = table.filter(pl.col("primary")) if "primary" in table.columns else table.clear()
@@ -134,11 +199,10 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         "fvu_nonlinear_slope_per_doubling": slope,
         "fvu_nonlinear_slope_ci_low": lo, "fvu_nonlinear_slope_ci_high": hi,
         "fvu_nonlinear_slope_pct_of_mean_per_doubling": 100 * slope / nl_mean if nl_mean > 0 else math.nan,
-        # flat = the slope's interval contains 0
-        "fvu_nonlinear_flat": _verdict(0.0, lo, hi, "no (falls with width)", "no (rises with width)", "yes"),
+        **_flatness(first, nl_mean),
         # compared with c's interval, not just its point estimate
         "fvu_nonlinear_below_c": _verdict(nl_mean, c_lo, c_hi, "no (above c)", "yes", "within the CI of c"),
-        "note": first["note"],
+        "note": first["note"], **resampling_summary(main),
         # the part of the nonlinear error a better encoder (gradient pursuit) removes, where it was measured
         **({"encoder_error_fvu": encoder} if math.isfinite(encoder := _mean_of(main, "encoder_error")) else {}),
     }

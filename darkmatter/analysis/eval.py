@@ -1,5 +1,6 @@
-"""The eval split as the analyses that read activation vectors see it: rows, contexts, the stored fit split, and
-held-out fits of new targets on that split with per-context test sums (for resampled R²)."""
+"""The eval split as the analyses that read activation vectors see it: rows, contexts, the stored fit split,
+held-out fits of new targets on that split with per-context test sums (for resampled R²), and per-context sums of x
+and of the stored error norms (for resampled pooled FVUs)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,52 @@ def heldout_by_context(design: Design, split: EvalSplit, target: Target, width: 
         y = as_f64(target(idx))
         acc.add(split.contexts[idx], y, y - as_f64(lin.predict(x[idx])))
     return lin, acc.result()
+
+
+@dataclass(frozen=True)
+class ContextSums:
+    """Per eval context (``contexts`` sorted [C]) of some rows: token count n [C], Σx [C, d] and Σ‖x‖² [C] in
+    float64 — the pooled FVU's denominator for any resample of contexts (:func:`darkmatter.analysis.stats.pooled_fvu`)."""
+
+    contexts: np.ndarray
+    n: np.ndarray
+    x_sum: np.ndarray
+    x_sq: np.ndarray
+
+    def fvu(self, sse: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """Pooled FVU [B, m] of per-context error sums ``sse`` [C, m] (in ``contexts`` order) for the resamples
+        ``weights`` [B, C] (None: every context once, B = 1)."""
+        from darkmatter.analysis.stats import pooled_fvu
+
+        return pooled_fvu(sse, self.n, self.x_sum, self.x_sq, weights)
+
+
+def context_sums(ctx: AnalysisContext, hook: str, rows: np.ndarray | None = None) -> ContextSums:
+    """:class:`ContextSums` of the eval ``rows`` (sorted; default: all) of ``hook``, in one pass over them."""
+    store = ctx.eval_store()
+    x_all = store.activations(hook)
+    contexts_of = store.index()["context"].to_numpy().astype(np.int64)
+    rows = np.arange(len(contexts_of)) if rows is None else np.asarray(rows)
+    contexts, group = np.unique(contexts_of[rows], return_inverse=True)
+    x_sum, x_sq = np.zeros((len(contexts), x_all.shape[1])), np.zeros(len(contexts))
+    for sl in row_chunks(len(rows), CHUNK_ROWS):
+        x = np.asarray(x_all[rows[sl]], dtype=np.float64)
+        np.add.at(x_sum, group[sl], x)
+        x_sq += np.bincount(group[sl], (x * x).sum(1), len(contexts))
+    return ContextSums(contexts, np.bincount(group, minlength=len(contexts)).astype(np.float64), x_sum, x_sq)
+
+
+def error_sums_by_context(ctx: AnalysisContext, sae_ids: list[str], contexts: np.ndarray, table: str = "token_errors",
+                          where: str = "TRUE") -> dict[str, np.ndarray]:
+    """Per SAE, the per-context sums [C, 2] of ‖SaeError‖² and ‖NonlinearError‖² from the store's ``table``
+    (token_errors, or pursuit_errors with ``where`` choosing a method), in the order of ``contexts``."""
+    with ctx.connect() as con:
+        sums = con.sql(f"""SELECT e.sae_id, t.context, sum(e.error_norm_sq::DOUBLE) AS sse,
+                                  sum(e.nonlinear_error_norm::DOUBLE * e.nonlinear_error_norm) AS sse_nonlinear
+                           FROM {table} e JOIN tokens t USING (row)
+                           WHERE list_contains(?, e.sae_id) AND {where} GROUP BY ALL""", params=[sae_ids]).pl()
+    index = np.searchsorted(contexts, sums["context"].to_numpy())
+    out = {sae_id: np.zeros((len(contexts), 2)) for sae_id in sae_ids}
+    for sae_id, i, sse, nl in zip(sums["sae_id"], index, sums["sse"], sums["sse_nonlinear"], strict=True):
+        out[sae_id][i] = sse, nl
+    return out

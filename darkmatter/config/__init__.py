@@ -21,6 +21,7 @@ from darkmatter.config.sections import (
     RandomModelConfig,
     SaeFamilyConfig,
     SaeTrainingConfig,
+    ScalingDecompositionOptions,
     SyntheticValidationOptions,
 )
 from darkmatter.config.steps import STEP_KEYS, step_params, step_slice
@@ -29,7 +30,7 @@ from darkmatter.config.validate import hook_layer, load_config, model_n_layers, 
 __all__ = [
     "ANALYSES", "STEP_KEYS", "AnalysisConfig", "ConfigError", "ConfigSlice", "CorpusConfig", "DecompositionConfig",
     "DownstreamConfig", "ExperimentConfig", "HarvestConfig", "ModelConfig", "PerTokenScalingOptions",
-    "ProbeMechanismOptions", "PursuitConfig", "RandomModelConfig", "SaeFamilyConfig", "SaeTrainingConfig",
+    "ProbeMechanismOptions", "PursuitConfig", "RandomModelConfig", "SaeFamilyConfig", "SaeTrainingConfig", "ScalingDecompositionOptions",
     "SyntheticValidationOptions", "from_dict", "hook_layer", "load_config", "model_n_layers", "stable_hash",
     "step_params", "step_slice", "to_dict", "validate",
 ]

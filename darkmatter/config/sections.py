@@ -189,6 +189,15 @@ class SyntheticValidationOptions:
 
 
 @dataclass(frozen=True)
+class ScalingDecompositionOptions:
+    """analyses/scaling_decomposition.py: ``flat_margin_pct`` is the practical margin of "FVU_nonlinear is flat in
+    width": its slope per doubling of width lies within ± this % of its mean (an equivalence test: both 90% intervals
+    of the slope, over documents and over widths, inside the margin)."""
+
+    flat_margin_pct: float = 1.0
+
+
+@dataclass(frozen=True)
 class ProbeMechanismOptions:
     """analyses/probe_mechanism.py: the probe of ‖Sae(x) − b_dec‖² on Sae(x) − b_dec.
 
@@ -226,6 +235,7 @@ class AnalysisConfig:
     names: tuple[str, ...] = ANALYSES
     bootstrap: int = 200  # bootstrap resamples (of eval documents) for confidence intervals
     confidence: float = 0.95
+    scaling_decomposition: ScalingDecompositionOptions = field(default_factory=ScalingDecompositionOptions)
     per_token_scaling: PerTokenScalingOptions = field(default_factory=PerTokenScalingOptions)
     synthetic_validation: SyntheticValidationOptions = field(default_factory=SyntheticValidationOptions)
     probe_mechanism: ProbeMechanismOptions = field(default_factory=ProbeMechanismOptions)
