@@ -121,6 +121,33 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, l0: int | Tensor, 
     return PursuitResult(idx, val, decoded + b_dec)
 
 
+@numba.njit(inline="always", cache=True)
+def _argmax(g):  # pragma: no cover - compiled; tested through gradient_pursuit and in test_pursuit
+    """np.argmax(g), the first index of the largest value (g holds no NaN: x is checked): the largest value from
+    eight interleaved running maxima, then its first index. Measured 2-3× faster than numba's np.argmax, which keeps
+    one dependent chain of compare-and-select; the pursuit takes one argmax over all n atoms per iteration."""
+    n = g.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = g[0]
+    q = 0
+    while q + 8 <= n:
+        m0 = g[q] if g[q] > m0 else m0
+        m1 = g[q + 1] if g[q + 1] > m1 else m1
+        m2 = g[q + 2] if g[q + 2] > m2 else m2
+        m3 = g[q + 3] if g[q + 3] > m3 else m3
+        m4 = g[q + 4] if g[q + 4] > m4 else m4
+        m5 = g[q + 5] if g[q + 5] > m5 else m5
+        m6 = g[q + 6] if g[q + 6] > m6 else m6
+        m7 = g[q + 7] if g[q + 7] > m7 else m7
+        q += 8
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for r in range(q, n):
+        m = g[r] if g[r] > m else m
+    j = 0
+    while j < n and g[j] != m:
+        j += 1
+    return j if j < n else np.argmax(g)  # only a NaN hides m: never read past the end
+
+
 @numba.njit(parallel=True, cache=True)
 def _pursue(g_all, gram, D, l0, idx_out, w_out, threads):  # pragma: no cover - compiled; its iterates are tested
     """The loop of the module docstring for every token (row of ``g_all``, its gradient sDᵀ at w = 0, updated in
@@ -142,7 +169,7 @@ def _pursue(g_all, gram, D, l0, idx_out, w_out, threads):  # pragma: no cover - 
             w[:] = 0
             idx[:] = 0  # padding slots: index 0, value 0
             filled = 0
-            j = np.argmax(g)
+            j = _argmax(g)
             for _ in range(l0[i]):
                 chosen = filled  # the chosen atom's slot: its own if it has one, else the next free one
                 for s in range(filled):
@@ -188,6 +215,6 @@ def _pursue(g_all, gram, D, l0, idx_out, w_out, threads):  # pragma: no cover - 
                     d0, a0 = delta[moved[s]], moved[s]
                     for q in range(n):
                         g[q] -= d0 * rows[a0, q]
-                j = np.argmax(g)
+                j = _argmax(g)
             idx_out[i] = idx
             w_out[i] = w

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,3 +140,18 @@ def test_a_given_gram_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=re.escape("gram must be W_dec·W_decᵀ [60, 60]; got (16, 16)")):
         gradient_pursuit(torch.randn(5, 16), unit_dictionary(60, 16, torch.float32), torch.zeros(16), 4,
                          gram=torch.eye(16))
+
+
+def test_compiled_argmax_is_numpys_first_maximum(rng):
+    """The kernel's argmax (eight running maxima, then the first index of the largest) against np.argmax on random
+    vectors of every length mod 8, on heavy ties and on all-negative values; its inputs never hold NaN (x is checked),
+    and a NaN that hides the maximum still ends in numpy's answer instead of a read past the end."""
+    from darkmatter.sae.pursuit import _argmax
+
+    for n in list(range(1, 40)) + [16384]:
+        for values in (rng.normal(size=n), rng.integers(-2, 2, size=n).astype(float), -np.abs(rng.normal(size=n))):
+            for dtype in (np.float32, np.float64):
+                g = values.astype(dtype)
+                assert _argmax(g) == np.argmax(g), (n, g)
+    g = np.array([np.nan, 1.0, 3.0], dtype=np.float32)
+    assert _argmax(g) == np.argmax(g) == 0
