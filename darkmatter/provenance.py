@@ -16,12 +16,18 @@ from darkmatter.io import write_json
 PACKAGES = ("darkmatter", "torch", "numpy", "scipy", "transformers", "safetensors", "polars", "duckdb")
 
 
+# the workflow's own outputs: the default run's are committed, so a run that rewrites them does not make the code dirty
+OUTPUTS = ("results", "reports")
+
+
 def git_state(root: Path | None = None) -> dict[str, Any]:
-    """The git commit of the working tree and whether it has uncommitted changes (None outside git)."""
+    """The git commit of the working tree and whether its code or config has uncommitted changes (changes under
+    :data:`OUTPUTS` do not count; None outside git)."""
     root = root or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *(f":!{o}" for o in OUTPUTS)], cwd=root,
+                               capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return {"git_sha": None, "git_dirty": None}
     return {"git_sha": sha.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
