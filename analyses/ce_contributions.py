@@ -2,8 +2,8 @@
 
 From the spliced per-token CE and KL of the store (x replaced at the hook, positions ≥ min_pos, by Sae(x),
 Sae(x) + LinearError, Sae(x) + NonlinearError), the % of each SAE's CE gap recovered by adding back each error part,
-100·(L_sae − L_setting)/(L_sae − L_clean), is set beside that part's share of error variance (FVU_part/FVU) and of the
-summed squared error norm, with the zero-ablation CE-loss score and KL; every CE number carries a seeded percentile
+100·(L_sae − L_setting)/(L_sae − L_clean), is set beside that part's share of error variance (FVU_part/FVU, on the
+spliced contexts' tokens; the all-token share beside it) and of the summed squared error norm, with the zero-ablation CE-loss score and KL; every CE number carries a seeded percentile
 bootstrap interval over the spliced contexts' documents, resampled jointly for all conditions and SAEs (they share
 the contexts).
 """
@@ -20,9 +20,10 @@ import polars as pl
 
 from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.eval import error_sums_by_context
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import family_name, family_saes, in_family
-from darkmatter.analysis.stats import resampling_summary
+from darkmatter.analysis.stats import percentile_interval, resampling_summary
 from darkmatter.downstream.ce import GLOBAL_CONDITIONS, SAE_CONDITIONS, summarize_ce
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,27 @@ def bootstrap_ce(per_token: pl.DataFrame, level: float,
           for name in BOOTSTRAPPED for q, side in zip(tails, ("low", "high"), strict=True)])
 
 
+def _spliced_shares(ctx: AnalysisContext, sae_ids: list[str], contexts: np.ndarray, level: float) -> pl.DataFrame:
+    """Per SAE, each part's share of the error variance on the spliced contexts' tokens — the tokens whose CE it is
+    compared with — and its interval over resampled documents. FVU_nonlinear/FVU_total = Σ‖NonlinearError‖²/
+    Σ‖SaeError‖² (one denominator), and the linear share is the rest (FVU_linear = FVU_total − FVU_nonlinear)."""
+    weights = ctx.resample_weights(contexts)
+    rows = []
+    for sae_id, sums in error_sums_by_context(ctx, sae_ids, contexts).items():
+        total, nonlinear = sums[:, 0], sums[:, 1]
+        if not total.sum() > 0:
+            continue
+        share, draws = 100 * nonlinear.sum() / total.sum(), 100 * (weights @ nonlinear) / (weights @ total)
+        low, high = percentile_interval(draws, level)
+        rows.append({"sae_id": sae_id, "variance_share_nonlinear_pct": share, "variance_share_linear_pct": 100 - share,
+                     "variance_share_nonlinear_pct_ci_low": float(low),
+                     "variance_share_nonlinear_pct_ci_high": float(high)})
+    schema = {"sae_id": pl.Utf8} | dict.fromkeys(
+        ["variance_share_nonlinear_pct", "variance_share_linear_pct", "variance_share_nonlinear_pct_ci_low",
+         "variance_share_nonlinear_pct_ci_high"], pl.Float64)
+    return pl.DataFrame(rows, schema=schema)
+
+
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
     """One row per spliced SAE: CE per condition, % recovered per error part, its shares of the error, CIs."""
     per_token = _token_ce(ctx)
@@ -103,15 +125,17 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     if n_boot > 0:
         table = table.join(bootstrap_ce(per_token, level, ctx.resample_weights), on="sae_id", how="left")
     width_fam, k_fam = family_name(ctx, "width"), family_name(ctx, "k")
+    contexts = np.unique(per_token["context"].to_numpy())
     saes = family_saes(ctx).select(
         "sae_id", "architecture", "width", "k", "families",
-        *[(100 * pl.col(f"fvu_{p}") / pl.col("fvu")).alias(f"variance_share_{p}_pct") for p in PARTS],
+        *[(100 * pl.col(f"fvu_{p}") / pl.col("fvu")).alias(f"variance_share_{p}_pct_all_tokens") for p in PARTS],
         in_family(width_fam).alias("in_width_family"),
         in_family(k_fam).alias("in_k_family"))
+    saes = saes.join(_spliced_shares(ctx, saes["sae_id"].to_list(), contexts, level), on="sae_id", how="left")
     with ctx.connect() as con:
         shares = con.sql("SELECT sae_id, " + ", ".join(f"100 * {p}_share_of_sq_norm AS sq_norm_share_{p}_pct"
                                                        for p in PARTS) + " FROM sae_error_shares").pl()
-    resampling = ctx.resampling(np.unique(per_token["context"].to_numpy()))
+    resampling = ctx.resampling(contexts)
     n_tok = per_token.filter(pl.col("condition") == "clean").height
     return (saes.join(table, on="sae_id", how="inner").join(shares, on="sae_id", how="left")
             .with_columns(n_tokens=pl.lit(n_tok), confidence=pl.lit(level),
@@ -139,6 +163,8 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         "ce_loss_score_median": float(table["ce_loss_score"].median()),  # type: ignore[arg-type]
         **{f"percent_recovered_{p}_mean_pct": _mean(table, f"percent_recovered_{p}") for p in PARTS},
         **{f"variance_share_{p}_mean_pct": _mean(table, f"variance_share_{p}_pct") for p in PARTS},
+        **{f"variance_share_{p}_all_tokens_mean_pct": _mean(table, f"variance_share_{p}_pct_all_tokens")
+           for p in PARTS},
         **{f"sq_norm_share_{p}_mean_pct": _mean(table, f"sq_norm_share_{p}_pct") for p in PARTS},
         "nonlinear_recovered_over_variance_share_median": float(ratio.median()) if len(ratio) else math.nan,  # type: ignore[arg-type]
     }

@@ -109,13 +109,14 @@ def context_sums(ctx: AnalysisContext, hook: str, rows: np.ndarray | None = None
 
 def error_sums_by_context(ctx: AnalysisContext, sae_ids: list[str], contexts: np.ndarray, table: str = "token_errors",
                           where: str = "TRUE") -> dict[str, np.ndarray]:
-    """Per SAE, the per-context sums [C, 2] of ‖SaeError‖² and ‖NonlinearError‖² from the store's ``table``
-    (token_errors, or pursuit_errors with ``where`` choosing a method), in the order of ``contexts``."""
+    """Per SAE, the per-context sums [C, 2] of ‖SaeError‖² and ‖NonlinearError‖² over the rows of ``contexts``
+    (sorted) in the store's ``table`` (token_errors, or pursuit_errors with ``where`` choosing a method)."""
     with ctx.connect() as con:
         sums = con.sql(f"""SELECT e.sae_id, t.context, sum(e.error_norm_sq::DOUBLE) AS sse,
                                   sum(e.nonlinear_error_norm::DOUBLE * e.nonlinear_error_norm) AS sse_nonlinear
                            FROM {table} e JOIN tokens t USING (row)
-                           WHERE list_contains(?, e.sae_id) AND {where} GROUP BY ALL""", params=[sae_ids]).pl()
+                           WHERE list_contains(?, e.sae_id) AND list_contains(?, t.context) AND {where}
+                           GROUP BY ALL""", params=[sae_ids, [int(c) for c in contexts]]).pl()
     index = np.searchsorted(contexts, sums["context"].to_numpy())
     out = {sae_id: np.zeros((len(contexts), 2)) for sae_id in sae_ids}
     for sae_id, i, sse, nl in zip(sums["sae_id"], index, sums["sse"], sums["sse_nonlinear"], strict=True):

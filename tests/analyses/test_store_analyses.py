@@ -263,7 +263,16 @@ def test_ce_contributions_match_hand_computed_values(store, tmp_path):
     row = table.filter(pl.col("sae_id") == "topk-w4096-k16-s0").row(0, named=True)
     saes = {r["sae_id"]: r for r in _sae_rows()}
     fvu, nl = saes["topk-w4096-k16-s0"]["fvu"], saes["topk-w4096-k16-s0"]["fvu_nonlinear"]
-    assert row["variance_share_nonlinear_pct"] == pytest.approx(100 * nl / fvu, rel=1e-9)
+    assert row["variance_share_nonlinear_pct_all_tokens"] == pytest.approx(100 * nl / fvu, rel=1e-9)
+    # the share compared with the CE: on the spliced contexts' tokens, Σ‖NonlinearError‖² / Σ‖SaeError‖²
+    with store.connect() as con:
+        e = con.sql("""SELECT e.error_norm_sq, e.nonlinear_error_norm FROM token_errors e JOIN tokens t USING (row)
+                       WHERE e.sae_id = 'topk-w4096-k16-s0'
+                         AND t.context IN (SELECT DISTINCT context FROM token_ce)""").pl()
+    share = 100 * (e["nonlinear_error_norm"].cast(pl.Float64) ** 2).sum() / e["error_norm_sq"].cast(pl.Float64).sum()
+    assert row["variance_share_nonlinear_pct"] == pytest.approx(share, rel=1e-9)
+    assert row["variance_share_linear_pct"] == pytest.approx(100 - share, rel=1e-9)
+    assert row["variance_share_nonlinear_pct_ci_low"] < share < row["variance_share_nonlinear_pct_ci_high"]
     assert row["in_width_family"] and not row["in_k_family"]
     s = out["summary"]
     assert s["percent_recovered_nonlinear_mean_pct"] == pytest.approx(100 * GAP_NONLINEAR, abs=1e-3)
