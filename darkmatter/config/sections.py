@@ -153,7 +153,7 @@ class DownstreamConfig:
 class PursuitConfig:
     """Gradient pursuit with each SAE's own decoder (docs/science.md, experiment 10; darkmatter.errors.pursuit).
 
-    It runs on ``contexts`` eval contexts drawn with ``seed`` (null: every eval context): its cost per token grows
+    It runs on ``contexts`` eval contexts drawn with ``seed`` (null, or more than the split has: all): its cost grows
     as L0²·d_sae, about 25 min for all 247k default eval tokens on 2 AVX2 cores, so the default takes a fifth. Each
     token runs its encoder L0 times ``l0_multiple`` iterations, or ``l0`` for every token when that is set. The
     widest SAE's pursuit reconstruction is also spliced into the ``downstream.contexts`` for its CE.

@@ -113,8 +113,8 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
              f"between 1 and harvest.eval_contexts ({h.eval_contexts})", ds.contexts)
     _require(ds.batch_contexts >= 1, where, "downstream.batch_contexts", ">= 1", ds.batch_contexts)
     gp = cfg.pursuit
-    _require(gp.contexts is None or 1 <= gp.contexts <= h.eval_contexts, where, "pursuit.contexts",
-             f"null or between 1 and harvest.eval_contexts ({h.eval_contexts})", gp.contexts)
+    # more contexts than the eval split has means all of them (an experiment with a small eval split keeps the default)
+    _require(gp.contexts is None or gp.contexts >= 1, where, "pursuit.contexts", "null or >= 1", gp.contexts)
     _require(gp.l0_multiple >= 1, where, "pursuit.l0_multiple", ">= 1", gp.l0_multiple)
     _require(gp.l0 is None or gp.l0 >= 0, where, "pursuit.l0", "null or >= 0", gp.l0)
     _require(an.per_token_scaling.trace_tokens >= 1, where, "analysis.per_token_scaling.trace_tokens", ">= 1",

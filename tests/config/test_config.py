@@ -33,6 +33,12 @@ def test_smoke_config_loads_and_round_trips():
     assert cfg.hash() == load_config(data=to_dict(cfg)).hash()
 
 
+def test_a_small_eval_split_keeps_the_default_pursuit():
+    """pursuit.contexts (60) above the split's contexts means all of them, so a small experiment needs no edit."""
+    cfg = load_config(data={"harvest": {"eval_contexts": 20}, "decomposition": {"fit_tokens": 10_000}})
+    assert cfg.pursuit.contexts == 60 and cfg.harvest.eval_contexts == 20
+
+
 def _bad(tmp_path, data: dict) -> str:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -56,7 +62,7 @@ def _bad(tmp_path, data: dict) -> str:
         ({"analysis": {"probe_mechanism": {"tokens": 1}}}, "analysis.probe_mechanism.tokens", ">= 2"),
         ({"families": [{"name": "g", "architecture": "gated"}]}, "families[0].architecture", "one of topk"),
         ({"downstream": {"contexts": 301}}, "downstream.contexts", "between 1 and harvest.eval_contexts"),
-        ({"pursuit": {"contexts": 0}}, "pursuit.contexts", "null or between 1 and harvest.eval_contexts"),
+        ({"pursuit": {"contexts": 0}}, "pursuit.contexts", "null or >= 1"),
         ({"pursuit": {"l0_multiple": 0}}, "pursuit.l0_multiple", ">= 1"),
         ({"pursuit": {"l0": -1}}, "pursuit.l0", "null or >= 0"),
         ({"harvest": {"hooks": "blocks.1.hook_resid_post"}}, "harvest.hooks", "a list"),
