@@ -189,6 +189,20 @@ class SyntheticValidationOptions:
 
 
 @dataclass(frozen=True)
+class LatentInterpretabilityOptions:
+    """analyses/latent_interpretability.py: the offline proxy (darkmatter.analysis.interpretability) on ``latents``
+    latents of ``sae_id`` (None: the widest of the width family) that fire on at least ``min_fires`` eval tokens,
+    drawn with the experiment's seed, beside as many random-direction controls of the same densities; ``top``
+    activations explain a latent, with at most ``explanation_size`` token ids."""
+
+    sae_id: str | None = None
+    latents: int = 200
+    min_fires: int = 20
+    top: int = 50
+    explanation_size: int = 10
+
+
+@dataclass(frozen=True)
 class ScalingDecompositionOptions:
     """analyses/scaling_decomposition.py: ``flat_margin_pct`` is the practical margin of "FVU_nonlinear is flat in
     width": its slope per doubling of width lies within ± this % of its mean (an equivalence test: both 90% intervals
@@ -224,6 +238,7 @@ ANALYSES = (
     "probe_mechanism",
     "ce_contributions",
     "pursuit",
+    "latent_interpretability",
 )
 
 
@@ -236,6 +251,7 @@ class AnalysisConfig:
     bootstrap: int = 200  # bootstrap resamples (of eval documents) for confidence intervals
     confidence: float = 0.95
     scaling_decomposition: ScalingDecompositionOptions = field(default_factory=ScalingDecompositionOptions)
+    latent_interpretability: LatentInterpretabilityOptions = field(default_factory=LatentInterpretabilityOptions)
     per_token_scaling: PerTokenScalingOptions = field(default_factory=PerTokenScalingOptions)
     synthetic_validation: SyntheticValidationOptions = field(default_factory=SyntheticValidationOptions)
     probe_mechanism: ProbeMechanismOptions = field(default_factory=ProbeMechanismOptions)

@@ -129,6 +129,9 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
              "analysis.synthetic_validation.noise_levels", "at least two levels >= 0", sv.noise_levels)
     _require(sv.noise_step > 0, where, "analysis.synthetic_validation.noise_step", "> 0", sv.noise_step)
     _require(pm.min_fires >= 1, where, "analysis.probe_mechanism.min_fires", ">= 1", pm.min_fires)
+    li = an.latent_interpretability
+    for key in ("latents", "min_fires", "top", "explanation_size"):
+        _require(getattr(li, key) >= 1, where, f"analysis.latent_interpretability.{key}", ">= 1", getattr(li, key))
     _require(an.scaling_decomposition.flat_margin_pct > 0, where, "analysis.scaling_decomposition.flat_margin_pct",
              "> 0", an.scaling_decomposition.flat_margin_pct)
     _require(0 < an.confidence < 1, where, "analysis.confidence", "strictly between 0 and 1", an.confidence)
