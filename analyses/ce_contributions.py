@@ -45,10 +45,9 @@ NO_DATA = "the store has no spliced CE (token_ce is missing or empty): run the C
 
 
 def _token_ce(ctx: AnalysisContext) -> pl.DataFrame:
+    if not ctx.has_table("token_ce"):  # a store built before the CE stage existed
+        return pl.DataFrame()
     with ctx.connect() as con:
-        found = con.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'token_ce'").fetchall()
-        if not found[0][0]:  # a store built before the CE stage existed
-            return pl.DataFrame()
         # this analysis's conditions only (the store also holds e.g. the pursuit's, analysed in analyses/pursuit.py)
         wanted = ", ".join(f"'{c}'" for c in (*GLOBAL_CONDITIONS, *SAE_CONDITIONS))
         return con.sql(f"SELECT sae_id, condition, context, ce, kl FROM token_ce WHERE condition IN ({wanted})").pl()

@@ -36,9 +36,10 @@ LEADING = ["sae_id", "width", "k", "fvu_encoder", "fvu_pursuit", "delta_fvu", "d
 
 
 def _has_rows(ctx: AnalysisContext, table: str) -> bool:
+    if not ctx.has_table(table):
+        return False
     with ctx.connect() as con:
-        found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()
-        return bool(found[0][0]) and bool(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+        return bool(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
 
 
 def _fvu_table(ctx: AnalysisContext) -> pl.DataFrame:

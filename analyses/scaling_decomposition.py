@@ -129,11 +129,9 @@ def _fvu_intervals(ctx: AnalysisContext, saes: pl.DataFrame) -> pl.DataFrame:
 def _encoder_error(ctx: AnalysisContext) -> pl.DataFrame:
     """Per SAE, FVU_nonlinear of its encoder minus that of gradient pursuit with its decoder on the pursued tokens
     (empty when the store has no pursuit comparison)."""
+    if not ctx.has_table("pursuit_saes"):
+        return pl.DataFrame(schema={"sae_id": pl.Utf8, "encoder_error": pl.Float64})
     with ctx.connect() as con:
-        found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'pursuit_saes'"
-                            ).fetchall()
-        if not found[0][0]:
-            return pl.DataFrame(schema={"sae_id": pl.Utf8, "encoder_error": pl.Float64})
         return con.sql("""SELECT sae_id, max(fvu_nonlinear) FILTER (method = 'encoder')
                                          - max(fvu_nonlinear) FILTER (method = 'pursuit') AS encoder_error
                           FROM pursuit_saes GROUP BY sae_id""").pl()

@@ -71,6 +71,12 @@ class AnalysisContext:
 
         return connect(self.db)
 
+    def has_table(self, name: str) -> bool:
+        """Whether the store has the table ``name`` (a store built before a stage existed lacks its tables)."""
+        with self.connect() as con:
+            found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])
+            return bool(found.fetchall()[0][0])
+
     def eval_store(self):
         from darkmatter.data.activations import ActivationStore
 
