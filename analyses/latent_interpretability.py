@@ -31,16 +31,19 @@ HEADLINE = ("auroc_median_sae", "auroc_median_random_direction", "auroc_median_d
 SEPARATION = 0.1  # "a wide margin": the medians of the two AUROC distributions at least this far apart (and p < 0.01)
 
 
-def _fit_documents(ctx: AnalysisContext, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each eval row's token id and whether its document is in the (seeded) fit half of the documents."""
+def _fit_half(ctx: AnalysisContext, n_rows: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Each eval row's token id, whether it is in the (seeded) fit half of the documents, and the unit split:
+    documents, or contexts when the eval split holds a single document (then its contexts stand in for them)."""
     with ctx.connect() as con:
-        tokens = con.sql("SELECT row, token_id, coalesce(doc_id, 'context ' || context) AS doc "
+        tokens = con.sql("SELECT row, token_id, context, coalesce(doc_id, 'context ' || context) AS doc "
                          "FROM tokens ORDER BY row").pl()
     if tokens.height != n_rows:
         raise ValueError(f"the store's tokens table has {tokens.height} rows but the eval codes have {n_rows}.")
-    docs, inverse = np.unique(tokens["doc"].to_numpy().astype(str), return_inverse=True)
-    in_fit = np.random.default_rng(ctx.seed).permutation(len(docs)) < (len(docs) + 1) // 2
-    return tokens["token_id"].to_numpy(), in_fit[inverse]
+    unit = "document" if tokens["doc"].n_unique() >= 2 else "context"
+    groups, inverse = np.unique(tokens["doc" if unit == "document" else "context"].to_numpy().astype(str),
+                                return_inverse=True)
+    in_fit = np.random.default_rng(ctx.seed).permutation(len(groups)) < (len(groups) + 1) // 2
+    return tokens["token_id"].to_numpy(), in_fit[inverse], unit
 
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
@@ -50,7 +53,9 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     sae = ctx.sae(sae_row["hook"], sae_row["sae_id"])
     codes = ctx.codes(sae_row["hook"], sae_row["sae_id"], sae)
     activity = LatentActivity.from_codes(np.asarray(codes.top_indices), np.asarray(codes.top_values), sae.d_sae)
-    token_ids, fit = _fit_documents(ctx, activity.n_rows)
+    token_ids, fit, unit = _fit_half(ctx, activity.n_rows)
+    if fit.all() or not fit.any():  # a single context: nothing to hold out
+        return pl.DataFrame({"kind": [], "note": []}, schema={"kind": pl.Utf8, "note": pl.Utf8})
     fires = np.diff(activity.offsets)
     candidates = np.flatnonzero(fires >= opts.min_fires)
     rng = np.random.default_rng(ctx.seed)
@@ -67,14 +72,14 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
                          "explanation": " ".join(str(t) for t in s.explanation)})
     log.info("%s: %d latents scored (of %d firing >= %d times)", sae_row["sae_id"], len(latents), len(candidates),
              opts.min_fires)
-    return pl.DataFrame(rows).with_columns(sae_id=pl.lit(sae_row["sae_id"]), d_sae=pl.lit(sae.d_sae),
+    return pl.DataFrame(rows).with_columns(sae_id=pl.lit(sae_row["sae_id"]), d_sae=pl.lit(sae.d_sae), split_unit=pl.lit(unit),
                                            fit_rows=pl.lit(int(fit.sum())), heldout_rows=pl.lit(int((~fit).sum())))
 
 
 def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     """Median AUROC of the SAE's latents and of the controls, their difference and a rank test, and the verdict."""
-    if table.is_empty():
-        return {"n_latents": 0, "note": "no latent fires often enough to be scored"}
+    if table.is_empty() or "auroc" not in table.columns:
+        return {"n_latents": 0, "note": "no latent fires often enough to be scored, or nothing to hold out"}
     auroc = {kind: table.filter(pl.col("kind") == kind)["auroc"].drop_nans().to_numpy() for kind in ("sae", "random")}
     med = {kind: float(np.median(v)) if len(v) else math.nan for kind, v in auroc.items()}
     p = float(stats.mannwhitneyu(auroc["sae"], auroc["random"], alternative="greater").pvalue) \
@@ -82,7 +87,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     difference = med["sae"] - med["random"]
     sae = table.filter(pl.col("kind") == "sae")
     return {
-        "sae_id": table["sae_id"][0], "n_latents": sae.height,
+        "sae_id": table["sae_id"][0], "n_latents": sae.height, "split_unit": table["split_unit"][0],
         "auroc_median_sae": med["sae"], "auroc_median_random_direction": med["random"],
         "auroc_median_difference": difference, "mann_whitney_p": p,
         "proxy_separates": "yes" if difference >= SEPARATION and p < 0.01 else "no",
@@ -97,8 +102,9 @@ def plot(table: pl.DataFrame) -> dict[str, object]:
     """The two AUROC distributions (ECDFs), and AUROC against firing density for the SAE's latents."""
     from darkmatter.analysis.figures import PALETTE, new_figure
 
-    if table.is_empty():
-        return {"proxy": note_figure("Latent interpretability (proxy)", "no latent fires often enough")}
+    if table.is_empty() or "auroc" not in table.columns:
+        return {"proxy": note_figure("Latent interpretability (proxy)", "no latent fires often enough, or nothing "
+                                     "to hold out")}
     fig, (left, right) = new_figure(ncols=2, figsize=(9.6, 4.0))
     for kind, colour, label in (("sae", PALETTE["total"], "SAE latents"),
                                 ("random", PALETTE["pursuit"], "random directions (same densities)")):
