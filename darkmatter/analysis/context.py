@@ -7,6 +7,7 @@ the configuration's default, so an analysis can also be run by hand on any exper
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,15 @@ from darkmatter.config import AnalysisConfig, DecompositionConfig, ExperimentCon
 from darkmatter.paths import ExperimentPaths
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4)
+def _documents(db: str, mtime_ns: int) -> dict[int, str | None]:
+    """context → doc_id of a store, read once per store file and version (every interval of an analysis needs it)."""
+    from darkmatter.store import connect
+
+    with connect(db) as con:
+        return dict(con.execute("SELECT DISTINCT context, doc_id FROM tokens").fetchall())
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,7 @@ class AnalysisContext:
     def documents_of(self, contexts: np.ndarray) -> np.ndarray:
         """The source document of each eval context in ``contexts`` (the store's ``tokens.doc_id``; a context with
         no document recorded is its own)."""
-        with self.connect() as con:
-            docs = dict(con.execute("SELECT DISTINCT context, doc_id FROM tokens").fetchall())
+        docs = _documents(str(self.db), self.db.stat().st_mtime_ns)
         return np.array([docs.get(int(c)) or f"context {int(c)}" for c in contexts], dtype=object)
 
     def resample_weights(self, contexts: np.ndarray) -> np.ndarray:

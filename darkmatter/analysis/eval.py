@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.stats import pooled_fvu
 from darkmatter.regression import (
     CHUNK_ROWS,
     ArrayLike,
@@ -87,8 +88,6 @@ class ContextSums:
     def fvu(self, sse: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """Pooled FVU [B, m] of per-context error sums ``sse`` [C, m] (in ``contexts`` order) for the resamples
         ``weights`` [B, C] (None: every context once, B = 1)."""
-        from darkmatter.analysis.stats import pooled_fvu
-
         return pooled_fvu(sse, self.n, self.x_sum, self.x_sq, weights)
 
 
