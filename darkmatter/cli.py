@@ -192,6 +192,26 @@ def cmd_measure_pursuit(args: argparse.Namespace) -> None:
                     fit_tokens=dc.fit_tokens, seed=dc.seed, intercept=dc.intercept, ridge=dc.ridge, params=params)
 
 
+def cmd_train_error_saes(args: argparse.Namespace) -> None:
+    from darkmatter.config import ConfigSlice, ErrorSaesConfig, SaeTrainingConfig
+    from darkmatter.data.activations import ActivationStore
+    from darkmatter.errors.error_saes import ErrorComponents, error_sae_specs, train_error_saes_to_folder
+    from darkmatter.errors.measure import LINEAR_MAP, load_saes
+
+    params = _params(args)
+    cfg = ConfigSlice(SaeTrainingConfig, params["training"], "params.training")
+    es = ConfigSlice(ErrorSaesConfig, params["error_saes"], "params.error_saes")
+    train, ev = ActivationStore(args.train_activations), ActivationStore(args.eval_activations)
+    x_train = train.activations(args.hook)
+    (sae,) = load_saes([args.sae], x_train, f"{args.hook} in {args.train_activations}")
+    base_id = Path(args.sae).name
+    components = ErrorComponents.load(sae, Path(args.errors) / base_id / LINEAR_MAP)
+    specs = error_sae_specs(sae.d_in, es.expansion, es.k, es.seed)
+    train_error_saes_to_folder(x_train, ev.activations(args.hook), ev.index()["context"].to_numpy(), components,
+                               {"sae_id": base_id, "hook": args.hook}, specs, cfg.whole(), Path(args.out),
+                               params=params | {"base": base_id, "hook": args.hook})
+
+
 def cmd_measure_pursuit_ce(args: argparse.Namespace) -> None:
     from darkmatter.config import ConfigSlice, DownstreamConfig, HarvestConfig, PursuitConfig
     from darkmatter.downstream.ce import measure_pursuit_ce_to_folder
@@ -284,6 +304,10 @@ def parser() -> argparse.ArgumentParser:
     command("measure-pursuit-ce", "CE and KL with one SAE's gradient-pursuit reconstruction spliced in", params,
             ("--model", "model.json"), ("--tokens", "the eval contexts' tokens (.npy)"), ("--sae", "the SAE folder"),
             ("--hook", "the hook"), ("--out", "the pursuit CE folder to write"))
+    command("train-error-saes", "SAEs on the linear and nonlinear error of one SAE (and on its whole error)", params,
+            ("--train-activations", "the train activation folder"), ("--eval-activations", "the eval activation folder"),
+            ("--sae", "the base SAE folder"), ("--errors", "the hook's errors folder (the base SAE's b*)"),
+            ("--hook", "the hook"), ("--out", "the error-SAE folder to write"))
     command("build-database", "the experiment's DuckDB store (its only writer)", params,
             ("--out", "the store to write, results/<exp>/darkmatter.duckdb"))
     p = command("render-report", "reports/<exp>/index.html and browser.html beside it", params,

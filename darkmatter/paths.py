@@ -14,6 +14,8 @@
       pursuit/codes/<hook>/<sae_id>/       pursue: gradient-pursuit codes of a subset of eval tokens (+ rows.npy)
       pursuit/errors/<hook>/               measure_pursuit: encoder/<sae_id>/ and pursuit/<sae_id>/ error folders
                                              on those tokens (b* refitted for each)
+      error_saes/<hook>/                   train_error_saes: SAEs on the base SAE's error components, their eval
+                                             codes and metrics (darkmatter.errors.error_saes)
       ce/                                  measure_ce: token_ce.parquet, summary.parquet
       pursuit/ce/                          measure_pursuit_ce: token_ce.parquet of the widest SAE's pursuit
       darkmatter.duckdb                    build_database: the queryable per-token store
@@ -101,6 +103,9 @@ class ExperimentPaths:
     @property
     def pursuit_ce(self) -> Path:
         return self.root / "pursuit" / "ce"
+
+    def error_saes(self, hook: str) -> Path:
+        return self.root / "error_saes" / hook
 
     # ------------------------------------------------------------------------------------------ downstream
     @property

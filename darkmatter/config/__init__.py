@@ -12,6 +12,7 @@ from darkmatter.config.sections import (
     CorpusConfig,
     DecompositionConfig,
     DownstreamConfig,
+    ErrorSaesConfig,
     ExperimentConfig,
     HarvestConfig,
     LatentInterpretabilityOptions,
@@ -30,7 +31,7 @@ from darkmatter.config.validate import hook_layer, load_config, model_n_layers, 
 
 __all__ = [
     "ANALYSES", "STEP_KEYS", "AnalysisConfig", "ConfigError", "ConfigSlice", "CorpusConfig", "DecompositionConfig",
-    "DownstreamConfig", "ExperimentConfig", "HarvestConfig", "LatentInterpretabilityOptions", "ModelConfig", "PerTokenScalingOptions",
+    "DownstreamConfig", "ErrorSaesConfig", "ExperimentConfig", "HarvestConfig", "LatentInterpretabilityOptions", "ModelConfig", "PerTokenScalingOptions",
     "ProbeMechanismOptions", "PursuitConfig", "RandomModelConfig", "SaeFamilyConfig", "SaeTrainingConfig", "ScalingDecompositionOptions",
     "SyntheticValidationOptions", "from_dict", "hook_layer", "load_config", "model_n_layers", "stable_hash",
     "step_params", "step_slice", "to_dict", "validate",

@@ -166,6 +166,23 @@ class PursuitConfig:
 
 
 @dataclass(frozen=True)
+class ErrorSaesConfig:
+    """SAEs trained on the error components of one SAE (docs/science.md, experiment 12; darkmatter.errors.error_saes).
+
+    ``base``: the primary hook's SAE whose SaeError, LinearError and NonlinearError they learn (null: the widest
+    member with k = ``k``, else the widest). One TopK SAE per component, ``expansion`` × d_model latents and ``k``
+    active, trained with the shared ``training`` recipe and ``seed`` (about 23 min on 2 AVX2 cores for the default:
+    three 9216-latent SAEs and the base SAE's encoder over the 2M-token pool). ``enabled: false`` skips the stage.
+    """
+
+    enabled: bool = True
+    base: str | None = None
+    expansion: int = 16
+    k: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class PerTokenScalingOptions:
     """analyses/per_token_scaling.py: ``trace_tokens`` consecutive tokens of one typical context are traced."""
 
@@ -272,6 +289,7 @@ class ExperimentConfig:
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     pursuit: PursuitConfig = field(default_factory=PursuitConfig)
+    error_saes: ErrorSaesConfig = field(default_factory=ErrorSaesConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     @property

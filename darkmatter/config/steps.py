@@ -26,12 +26,14 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "pursue": {"pursuit": ("contexts", "seed", "l0_multiple", "l0")},
     "measure-pursuit": {"decomposition": ALL},
     "measure-pursuit-ce": {"downstream": ALL, "harvest": ("min_pos",), "pursuit": ("l0_multiple", "l0")},
+    "train-error-saes": {"training": ALL, "error_saes": ("expansion", "k", "seed")},
     "build-database": {"families": ALL, "harvest": ("hooks",)},
     # plus the analysis's own options, analysis.<name> (see step_params)
     "run-analysis": {"analysis": ("bootstrap", "confidence"), "decomposition": ALL, "families": ALL,
                      "harvest": ("hooks", "min_pos"), "seed": ALL},
     "render-report": {"name": ALL, "seed": ALL, "model": ALL, "corpus": ALL, "harvest": ALL, "training": ALL,
                       "families": ALL, "decomposition": ALL, "downstream": ALL, "pursuit": ALL,
+                      "error_saes": ALL,
                       "analysis": ALL},
 }
 

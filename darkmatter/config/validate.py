@@ -117,6 +117,15 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     _require(gp.contexts is None or gp.contexts >= 1, where, "pursuit.contexts", "null or >= 1", gp.contexts)
     _require(gp.l0_multiple >= 1, where, "pursuit.l0_multiple", ">= 1", gp.l0_multiple)
     _require(gp.l0 is None or gp.l0 >= 0, where, "pursuit.l0", "null or >= 0", gp.l0)
+    es = cfg.error_saes
+    _require(es.expansion >= 1, where, "error_saes.expansion", ">= 1", es.expansion)
+    _require(es.k >= 1, where, "error_saes.k", ">= 1", es.k)
+    if es.base is not None:
+        from darkmatter.sae.families import expand_families
+
+        ids = [m.sae_id for m in expand_families(cfg.families, cfg.primary_hook)]
+        _require(es.base in ids, where, "error_saes.base", f"null or an SAE of the families ({', '.join(ids)})",
+                 es.base)
     _require(an.per_token_scaling.trace_tokens >= 1, where, "analysis.per_token_scaling.trace_tokens", ">= 1",
              an.per_token_scaling.trace_tokens)
     sv, pm = an.synthetic_validation, an.probe_mechanism

@@ -95,3 +95,11 @@ def widest(members: Sequence[SaeMember]) -> SaeMember:
     if not members:
         raise ValueError("no SAEs to choose the widest from.")
     return min(members, key=lambda m: (-m.spec.d_sae, m.spec.k, m.spec.seed))
+
+
+def error_sae_base(members: Sequence[SaeMember], base: str | None, k: int) -> SaeMember:
+    """The SAE whose error components the error SAEs learn: ``base`` by sae_id, else the widest member with
+    ``k`` active latents, else the widest."""
+    if base is not None:
+        return next(m for m in members if m.sae_id == base)
+    return widest([m for m in members if m.spec.k == k] or list(members))

@@ -241,27 +241,39 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
+    def batches(self) -> ShuffledBatches:
+        """This run's data order: a pure function of the member's seed (darkmatter.sae.batches)."""
+        return ShuffledBatches(self.data, self.cfg.batch_size, self.cfg.buffer_tokens, derived_seed(self.spec.seed, 1))
+
+    def advance(self, x: Tensor) -> StepOutput:
+        """One training step on batch ``x``, checkpointing every ``checkpoint_every`` steps (not at the last)."""
+        out = self.train_step(x)
+        if self.checkpoint_dir is not None and self.step % self.cfg.checkpoint_every == 0 and self.step < self.n_steps:
+            self.save_checkpoint()
+        return out
+
     def run(self, progress: bool = True, stop_at: int | None = None) -> TrainResult | None:
         """Train to the end (or stop after ``stop_at`` steps, returning None: a simulated interruption)."""
         cfg = self.cfg
         self.load_checkpoint()
-        stream = ShuffledBatches(self.data, cfg.batch_size, cfg.buffer_tokens, derived_seed(self.spec.seed, 1))
         bar = tqdm(total=self.n_steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
                    unit_scale=True, desc=self.spec.sae_id, disable=not progress)
         started = time.time()
-        for x in stream.batches(self.step):
+        for x in self.batches().batches(self.step):
             if self.step >= self.n_steps or (stop_at is not None and self.step >= stop_at):
                 break
-            out = self.train_step(x)
+            out = self.advance(x)
             bar.update(cfg.batch_size)
             if self.step % cfg.log_every == 0:
                 bar.set_postfix(fvu=f"{float(out.fvu):.4f}", l0=f"{float(out.l0):.1f}")
-            if self.checkpoint_dir is not None and self.step % cfg.checkpoint_every == 0 and self.step < self.n_steps:
-                self.save_checkpoint()
         bar.close()
         if self.step < self.n_steps:
             return None
-        elapsed = time.time() - started
+        return self.result(time.time() - started)
+
+    def result(self, elapsed: float) -> TrainResult:
+        """The trained SAE, folded to work on raw inputs, with its metadata and the train log."""
+        cfg = self.cfg
         log.info("trained %s: %d steps, final batch fvu %.4f, l0 %.1f (%.0f tok/s this session)", self.spec.sae_id,
                  self.n_steps, self.rows[-1]["fvu"], self.rows[-1]["l0"],
                  self.n_steps * cfg.batch_size / max(elapsed, 1e-9))
@@ -278,19 +290,30 @@ def train_to_folder(data: np.ndarray, spec: SaeSpec, cfg: SaeTrainingConfig, out
                     sae_cfg: dict[str, Any] | None = None, params: Any = None, progress: bool = True) -> TrainResult:
     """Train (resuming from ``.<name>.ckpt`` beside ``out``) and write the SAE folder atomically:
     cfg.json, sae_weights.safetensors, train_log.parquet, provenance.json."""
+    started = time.time()
+    out = Path(out)
+    trainer = Trainer(data, spec, cfg, sae_cfg, checkpoint_dir=checkpoint_of(out))
+    result = trainer.run(progress=progress)
+    assert result is not None
+    write_trained(trainer, result, out, params, started)
+    shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)  # type: ignore[arg-type]
+    return result
+
+
+def checkpoint_of(out: Path) -> Path:
+    """Where the training of the SAE folder ``out`` checkpoints: the hidden sibling ``.<name>.ckpt``."""
+    return out.with_name(f".{out.name}.ckpt")
+
+
+def write_trained(trainer: Trainer, result: TrainResult, out: Path, params: Any, started: float,
+                  extra: dict[str, Any] | None = None) -> None:
+    """The SAE folder ``out``, atomically: cfg.json, sae_weights.safetensors, train_log.parquet, provenance.json
+    (the recipe's precision and ``extra``)."""
     from darkmatter.provenance import write_provenance
     from darkmatter.sae.model import write_sae_files
 
-    started = time.time()
-    out = Path(out)
-    ckpt = out.with_name(f".{out.name}.ckpt")
-    trainer = Trainer(data, spec, cfg, sae_cfg, checkpoint_dir=ckpt)
-    result = trainer.run(progress=progress)
-    assert result is not None
     with atomic_dir(out) as tmp:
         write_sae_files(result.sae, tmp)
         result.log.write_parquet(tmp / "train_log.parquet")
-        write_provenance(tmp, params, seeds={"sae": spec.seed}, started=started,
-                         extra={"precision": trainer.precision.record()})
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return result
+        write_provenance(tmp, params, seeds={"sae": trainer.spec.seed}, started=started,
+                         extra={"precision": trainer.precision.record()} | (extra or {}))

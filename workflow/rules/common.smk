@@ -6,7 +6,7 @@ from pathlib import Path
 
 from darkmatter.config import step_params
 from darkmatter.paths import ExperimentPaths
-from darkmatter.sae.families import expand_families, widest
+from darkmatter.sae.families import error_sae_base, expand_families, widest
 
 P = ExperimentPaths.of(EXP.name)
 # the environment's interpreter by one stable name (`snakemake` runs as python3, `python -m snakemake` as python):
