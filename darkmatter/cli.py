@@ -160,6 +160,13 @@ def cmd_measure_errors(args: argparse.Namespace) -> None:
                  seed=dc.seed, intercept=dc.intercept, ridge=dc.ridge, params=params)
 
 
+def _harvested_in_bf16(activations: str) -> bool:
+    """Whether the eval activations were harvested under bf16 autocast (the CE steps then run the model so too)."""
+    from darkmatter.data.activations import ActivationStore
+
+    return bool(ActivationStore(activations).meta.get("autocast_bf16", False))
+
+
 def cmd_measure_ce(args: argparse.Namespace) -> None:
     from darkmatter.config import ConfigSlice, DownstreamConfig, HarvestConfig
     from darkmatter.downstream.ce import measure_ce_to_folder
@@ -168,8 +175,8 @@ def cmd_measure_ce(args: argparse.Namespace) -> None:
     ds = ConfigSlice(DownstreamConfig, params["downstream"], "params.downstream")
     harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
     measure_ce_to_folder(read_json(args.model)["path"], Path(args.tokens), Path(args.errors), args.hook, args.saes,
-                         Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts,
-                         min_pos=harvest.min_pos, params=params)
+                         Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts, seed=ds.seed,
+                         min_pos=harvest.min_pos, autocast_bf16=_harvested_in_bf16(args.activations), params=params)
 
 
 def cmd_pursue(args: argparse.Namespace) -> None:
@@ -221,8 +228,9 @@ def cmd_measure_pursuit_ce(args: argparse.Namespace) -> None:
     harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
     gp = ConfigSlice(PursuitConfig, params["pursuit"], "params.pursuit")
     measure_pursuit_ce_to_folder(read_json(args.model)["path"], Path(args.tokens), args.sae, args.hook,
-                                 Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts,
-                                 min_pos=harvest.min_pos, l0_multiple=gp.l0_multiple, l0=gp.l0, params=params)
+                                 Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts, seed=ds.seed,
+                                 min_pos=harvest.min_pos, l0_multiple=gp.l0_multiple, l0=gp.l0,
+                                 autocast_bf16=_harvested_in_bf16(args.activations), params=params)
 
 
 def cmd_build_database(args: argparse.Namespace) -> None:
@@ -289,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     p = command("measure-ce", "CE and KL with every SAE's parts spliced in, on a subset of eval contexts", params,
                 ("--model", "model.json"), ("--tokens", "the eval contexts' tokens (.npy)"),
                 ("--errors", "the hook's errors folder (linear maps, x moments)"), ("--hook", "the hook"),
+                ("--activations", "the eval activation folder (the model runs in the precision they were harvested in)"),
                 ("--out", "the CE folder to write"))
     p.add_argument("--saes", nargs="+", required=True, help="the SAE folders")
     command("pursue", "gradient-pursuit codes of a subset of eval tokens with one SAE's decoder", params,
@@ -303,7 +312,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pursuits", nargs="+", required=True, help="their pursuit codes folders, in the same order")
     command("measure-pursuit-ce", "CE and KL with one SAE's gradient-pursuit reconstruction spliced in", params,
             ("--model", "model.json"), ("--tokens", "the eval contexts' tokens (.npy)"), ("--sae", "the SAE folder"),
-            ("--hook", "the hook"), ("--out", "the pursuit CE folder to write"))
+            ("--hook", "the hook"), ("--activations", "the eval activation folder (their harvest precision)"),
+            ("--out", "the pursuit CE folder to write"))
     command("train-error-saes", "SAEs on the linear and nonlinear error of one SAE (and on its whole error)", params,
             ("--train-activations", "the train activation folder"), ("--eval-activations", "the eval activation folder"),
             ("--sae", "the base SAE folder"), ("--errors", "the hook's errors folder (the base SAE's b*)"),

@@ -28,8 +28,9 @@ import polars as pl
 import torch
 
 from darkmatter.analysis import AnalysisContext, load_outputs, run
-from darkmatter.config import SaeFamilyConfig, load_config, to_dict
-from darkmatter.errors.measure import measure_hook
+from darkmatter.config import SaeFamilyConfig, SaeTrainingConfig, load_config, to_dict
+from darkmatter.errors.error_saes import ErrorComponents, error_sae_specs, train_error_saes_to_folder
+from darkmatter.errors.measure import LINEAR_MAP, measure_hook
 from darkmatter.errors.pursuit import measure_pursuit, pursue_to_folder
 from darkmatter.io import write_json
 from darkmatter.paths import ExperimentPaths
@@ -212,9 +213,12 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
                     magnitude_jitter: float = 0.2, noise: float = 0.05, context_shift: float = 0.1,
                     widths: Sequence[int] = (16, 32, 64, 96), width_k: int = 4, ks: Sequence[int] = (2, 4, 8),
                     k_width: int = 32, extra: dict[SaeSpec, tuple[str, Sae]] | None = None,
-                    fit_fraction: float = 0.6, pursuit_contexts: int | None = None, seed: int = 0) -> Experiment:
+                    fit_fraction: float = 0.6, pursuit_contexts: int | None = None, error_saes: bool = False,
+                    seed: int = 0) -> Experiment:
     """Build the experiment under ``root`` (module docstring); ``extra`` maps spec → (family, SAE);
-    ``pursuit_contexts``: also run the pursuit steps (darkmatter.errors.pursuit) on that many contexts."""
+    ``pursuit_contexts``: also run the pursuit steps (darkmatter.errors.pursuit) on that many contexts;
+    ``error_saes``: also train the error-component SAEs (darkmatter.errors.error_saes; x is their training pool
+    too) of the widest width-family SAE."""
     with torch_threads(1):
         rng = np.random.default_rng(seed)
         planted = planted_activations(rng, d_in=d_in, n_contexts=n_contexts, n_positions=n_positions,
@@ -253,6 +257,14 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
             measure_pursuit([paths.sae(HOOK, i) for i in ids], [paths.codes(HOOK, i) for i in ids],
                             [paths.pursuit_codes(HOOK, i) for i in ids], store, HOOK, paths.pursuit_errors(HOOK),
                             fit_tokens=fit_tokens, seed=seed, intercept=True, ridge=0.0, progress=False)
+        if error_saes:
+            base = SaeSpec("topk", max(widths), width_k, 0)
+            components = ErrorComponents.load(saes[base], paths.sae_errors(HOOK, base.sae_id) / LINEAR_MAP)
+            cfg = SaeTrainingConfig(tokens=256 * 40, batch_size=256, warmup_steps=5, buffer_tokens=2048,
+                                    dead_tokens=2048, log_every=10, precision="float32")
+            train_error_saes_to_folder(planted.x, planted.x, planted.contexts, components,
+                                       {"sae_id": base.sae_id, "hook": HOOK}, error_sae_specs(d_in, 2, width_k, 0),
+                                       cfg, paths.error_saes(HOOK), progress=False)
         build_experiment_database(paths, families, HOOK, tokenizer=_ByteTokenizer())
         params = {"seed": seed, "analysis": {"bootstrap": 40, "confidence": 0.9},
                   "decomposition": {"fit_tokens": fit_tokens, "intercept": True, "ridge": 0.0, "seed": seed},

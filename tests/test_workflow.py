@@ -82,6 +82,10 @@ def test_smoke_workflow_end_to_end(tmp_path):
         assert con.execute("SELECT count(*) FROM pursuit_errors").fetchone()[0] == 2 * n_saes * pursued
         spliced = con.execute("SELECT DISTINCT sae_id FROM token_ce WHERE condition = 'pursuit'").fetchall()
         assert spliced == [(widest(expand_families(cfg.families, cfg.primary_hook)).sae_id,)]
+        error_saes = con.execute("SELECT component, base_sae_id, width, fvu FROM error_saes ORDER BY 1").fetchall()
+        assert [r[:3] for r in error_saes] == [(c, "topk-w512-k8-s0", 4 * 64) for c in
+                                               ("linear_error", "nonlinear_error", "sae_error")]
+        assert all(0 < r[3] < 1.5 for r in error_saes)
     for name in cfg.analysis.names:
         summary = json.loads((results / "analyses" / name / "summary.json").read_text())
         numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -98,12 +102,17 @@ def test_smoke_workflow_end_to_end(tmp_path):
     assert planned_jobs(args, analysis_edit, tmp_path) == {"run_analysis": 1, "render_report": 1, "all": 1}
     fit_edit = smoke | {"decomposition": smoke["decomposition"] | {"fit_tokens": 1200}}
     assert planned_jobs(args, fit_edit, tmp_path) == {
-        "measure_errors": 1, "measure_ce": 1, "measure_pursuit": 1, "build_database": 1,
+        "measure_errors": 1, "measure_ce": 1, "measure_pursuit": 1, "train_error_saes": 1, "build_database": 1,
         "run_analysis": len(cfg.analysis.names), "render_report": 1, "all": 1}  # no harvest, training, encoding, pursuit
+    # (the error SAEs learn the errors b* splits: a new b* retrains them)
     pursuit_edit = smoke | {"pursuit": {"contexts": 8}}
     assert planned_jobs(args, pursuit_edit, tmp_path) == {
         "pursue": n_saes, "measure_pursuit": 1, "build_database": 1, "run_analysis": len(cfg.analysis.names),
         "render_report": 1, "all": 1}  # the encoders' measurement and both CE steps stay
+    error_sae_edit = smoke | {"error_saes": smoke["error_saes"] | {"expansion": 2}}
+    assert planned_jobs(args, error_sae_edit, tmp_path) == {
+        "train_error_saes": 1, "build_database": 1, "run_analysis": len(cfg.analysis.names), "render_report": 1,
+        "all": 1}
 
 
 def planned_jobs(args: list[str], config: dict, tmp_path) -> dict[str, int]:

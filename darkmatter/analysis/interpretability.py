@@ -4,7 +4,11 @@ told from the rest by their identity alone?
 For each latent, its top activations on the *fit* documents give an explanation: the token ids most over-represented
 there (smoothed log lift against their frequency on those documents). On the *held-out* documents every token is
 scored by the lift of its id (0 outside the explanation), and the proxy is the AUROC of that score for "the latent
-fires here" (activation > 0) against "it does not". It rewards latents that track a small set of tokens, and
+fires here" (activation > 0) against "it does not" — over all its held-out firings, and per decile of its held-out
+activations (decile 10 the strongest), as detection scoring reports a judge's accuracy per activation decile. The
+headline is the top decile: measured on the default experiment, SAE latents and random directions are hard to
+tell apart over all firings (median AUROC 0.55 vs 0.52) but not on their strongest ones (0.67 vs 0.54). It rewards
+latents that track a small set of tokens, and
 cannot see latents that track context, syntax or meaning beyond the current token: it is a proxy for detection
 scoring with an LLM judge (Paulo et al., the paper's protocol), not a replacement. Beside it: activation density
 and the entropy (bits) of the token ids among the top activations.
@@ -19,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 SMOOTHING = 1.0  # add-one smoothing of token counts in the lift
+DECILES = 10
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,37 @@ class LatentActivity:
 
 @dataclass(frozen=True)
 class ProxyScore:
-    """One latent's proxy: held-out ``auroc`` (NaN when it never or always fires there), ``density`` (fraction of
-    all tokens where it fires), ``top_token_entropy_bits``, ``explanation`` (token ids, highest lift first)."""
+    """One latent's proxy: held-out ``auroc`` over all its firings (NaN when it never or always fires there),
+    ``auroc_by_decile`` (decile 1 the weakest activations … 10 the strongest; NaN where a decile is empty),
+    ``density`` (fraction of all tokens where it fires), ``top_token_entropy_bits``, ``explanation`` (token ids,
+    highest lift first)."""
 
     latent: int
     auroc: float
     density: float
     top_token_entropy_bits: float
     explanation: tuple[int, ...]
+    auroc_by_decile: tuple[float, ...] = (np.nan,) * DECILES
+
+    @property
+    def auroc_top_decile(self) -> float:
+        return self.auroc_by_decile[-1]
+
+
+def auroc_against(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """P(a positive scores above a negative) + ½ P(tie): the AUROC (as sklearn's roc_auc_score on the two sets),
+    with the negatives sorted once for many sets of positives."""
+    if len(negatives) == 0 or len(positives) == 0:
+        return np.nan
+    below = np.searchsorted(negatives, positives, side="left")
+    ties = np.searchsorted(negatives, positives, side="right") - below
+    return float((below + 0.5 * ties).mean() / len(negatives))
+
+
+def decile_of(values: np.ndarray, deciles: int = DECILES) -> np.ndarray:
+    """Each activation's decile (1 … ``deciles``) among ``values`` by rank (ties broken by order: equal deciles)."""
+    ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
+    return ranks * deciles // max(len(values), 1) + 1
 
 
 class ProxyScorer:
@@ -111,7 +138,13 @@ class ProxyScorer:
         score = np.zeros(len(self.held_ids))
         for token, weight in zip(top_ids[keep], lift[keep], strict=True):
             score[self.held_ids == token] = weight
-        return ProxyScore(latent, float(roc_auc_score(labels, score)), density, entropy, explanation)
+        negatives = np.sort(score[~labels])
+        held_values = np.zeros(activity.n_rows, dtype=np.float32)
+        held_values[rows] = values
+        positives, strength = score[labels], held_values[~self.fit][labels]
+        decile = decile_of(strength)
+        by_decile = tuple(auroc_against(negatives, positives[decile == q]) for q in range(1, DECILES + 1))
+        return ProxyScore(latent, auroc_against(negatives, positives), density, entropy, explanation, by_decile)
 
 
 def random_direction_latents(x: np.ndarray, densities: np.ndarray, seed: int) -> LatentActivity:

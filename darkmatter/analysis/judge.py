@@ -82,7 +82,7 @@ def _window_text(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _highlighted(example: Example) -> str:
+def highlighted(example: Example) -> str:
     """The window's text with each run of consecutive firing tokens (activation > 0) wrapped in one ``<<...>>``;
     whitespace at the edges of a run stays outside the brackets (``the <<cat>>``, not ``the<< cat>>``) unless
     the run is nothing but whitespace, so the judge reads words, not tokenizer artefacts."""
@@ -124,7 +124,7 @@ def explanation_messages(examples: Sequence[Example]) -> list[dict[str, str]]:
     their firing tokens highlighted in the user message."""
     user = (
         "Text excerpts:\n\n"
-        f"{_numbered([_highlighted(e) for e in examples])}\n\n"
+        f"{_numbered([highlighted(e) for e in examples])}\n\n"
         f"Describe the pattern, ending with a line that starts with {EXPLANATION_MARKER}"
     )
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]

@@ -141,12 +141,14 @@ class DecompositionConfig:
 class DownstreamConfig:
     """The CE experiment: eval contexts spliced with each SAE's reconstruction and its error parts (darkmatter.downstream).
 
-    ``contexts`` are spread evenly over the eval split; every SAE adds 3 conditions per context (about 38 s per
-    context for the 9 default SAEs on 2 cores).
+    ``contexts`` are drawn with ``seed`` across as many eval documents as possible (one context per document per
+    round); every SAE adds 3 conditions per context (about 75 s per context for the 9 default SAEs on 2 AVX2 cores,
+    38 s on AVX-512).
     """
 
-    contexts: int = 12
+    contexts: int = 48
     batch_contexts: int = 2
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,17 +208,40 @@ class SyntheticValidationOptions:
 
 
 @dataclass(frozen=True)
-class LatentInterpretabilityOptions:
-    """analyses/latent_interpretability.py: the offline proxy (darkmatter.analysis.interpretability) on ``latents``
-    latents of ``sae_id`` (None: the widest of the width family) that fire on at least ``min_fires`` eval tokens,
-    drawn with the experiment's seed, beside as many random-direction controls of the same densities; ``top``
-    activations explain a latent, with at most ``explanation_size`` token ids."""
+class JudgeOptions:
+    """An LLM judge for detection scoring (darkmatter.analysis.judge), off while ``endpoint`` is null: an
+    OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1 for a local vLLM or llama.cpp server) and its
+    ``model``; the API key, if any, is read from the environment variable ``api_key_env`` at run time (never
+    stored). ``latents`` per SAE are explained from their ``explain`` top windows of ``window`` tokens, then
+    tested on ``per_decile`` windows from each activation decile and ``silent`` windows where they never fire."""
+
+    endpoint: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+    latents: int = 50
+    window: int = 32
+    explain: int = 20
+    per_decile: int = 2
+    silent: int = 20
+
+
+@dataclass(frozen=True)
+class ErrorComponentSaesOptions:
+    """analyses/error_component_saes.py: FVU of the error SAEs (darkmatter.errors.error_saes) and the
+    interpretability of ``latents`` latents of each (and of ``sae_id``: null = their base SAE, else the widest of
+    the width family) that fire on at least ``min_fires`` eval tokens, drawn with the experiment's seed, scored by
+    the offline proxy (darkmatter.analysis.interpretability; ``top`` activations explain a latent with at most
+    ``explanation_size`` token ids) beside random-direction controls, and by ``judge`` when it has an endpoint;
+    ``examples`` latents per SAE are shown with their top contexts."""
 
     sae_id: str | None = None
     latents: int = 200
     min_fires: int = 20
     top: int = 50
     explanation_size: int = 10
+    examples: int = 3
+    judge: JudgeOptions = field(default_factory=JudgeOptions)
 
 
 @dataclass(frozen=True)
@@ -255,7 +280,7 @@ ANALYSES = (
     "probe_mechanism",
     "ce_contributions",
     "pursuit",
-    "latent_interpretability",
+    "error_component_saes",
 )
 
 
@@ -268,7 +293,7 @@ class AnalysisConfig:
     bootstrap: int = 200  # bootstrap resamples (of eval documents) for confidence intervals
     confidence: float = 0.95
     scaling_decomposition: ScalingDecompositionOptions = field(default_factory=ScalingDecompositionOptions)
-    latent_interpretability: LatentInterpretabilityOptions = field(default_factory=LatentInterpretabilityOptions)
+    error_component_saes: ErrorComponentSaesOptions = field(default_factory=ErrorComponentSaesOptions)
     per_token_scaling: PerTokenScalingOptions = field(default_factory=PerTokenScalingOptions)
     synthetic_validation: SyntheticValidationOptions = field(default_factory=SyntheticValidationOptions)
     probe_mechanism: ProbeMechanismOptions = field(default_factory=ProbeMechanismOptions)

@@ -109,8 +109,8 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
                  "a module name in analyses/", name)
     _require(an.bootstrap >= 0, where, "analysis.bootstrap", ">= 0", an.bootstrap)
     ds = cfg.downstream
-    _require(1 <= ds.contexts <= h.eval_contexts, where, "downstream.contexts",
-             f"between 1 and harvest.eval_contexts ({h.eval_contexts})", ds.contexts)
+    # as for pursuit.contexts: more than the eval split has means all of them
+    _require(ds.contexts >= 1, where, "downstream.contexts", ">= 1", ds.contexts)
     _require(ds.batch_contexts >= 1, where, "downstream.batch_contexts", ">= 1", ds.batch_contexts)
     gp = cfg.pursuit
     # more contexts than the eval split has means all of them (an experiment with a small eval split keeps the default)
@@ -138,9 +138,20 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
              "analysis.synthetic_validation.noise_levels", "at least two levels >= 0", sv.noise_levels)
     _require(sv.noise_step > 0, where, "analysis.synthetic_validation.noise_step", "> 0", sv.noise_step)
     _require(pm.min_fires >= 1, where, "analysis.probe_mechanism.min_fires", ">= 1", pm.min_fires)
-    li = an.latent_interpretability
+    ec = an.error_component_saes
     for key in ("latents", "min_fires", "top", "explanation_size"):
-        _require(getattr(li, key) >= 1, where, f"analysis.latent_interpretability.{key}", ">= 1", getattr(li, key))
+        _require(getattr(ec, key) >= 1, where, f"analysis.error_component_saes.{key}", ">= 1", getattr(ec, key))
+    _require(ec.examples >= 0, where, "analysis.error_component_saes.examples", ">= 0", ec.examples)
+    jd = ec.judge
+    _require(jd.endpoint is None or re.match(r"https?://", jd.endpoint) is not None, where,
+             "analysis.error_component_saes.judge.endpoint", "null or an http(s):// URL", jd.endpoint)
+    _require(jd.endpoint is None or bool(jd.model), where, "analysis.error_component_saes.judge.model",
+             "the model name the endpoint serves (with judge.endpoint)", jd.model)
+    for key in ("latents", "window", "explain", "per_decile"):
+        _require(getattr(jd, key) >= 1, where, f"analysis.error_component_saes.judge.{key}", ">= 1",
+                 getattr(jd, key))
+    _require(jd.silent >= 0 and jd.timeout_s > 0, where, "analysis.error_component_saes.judge.silent/timeout_s",
+             "silent >= 0 and timeout_s > 0", (jd.silent, jd.timeout_s))
     _require(an.scaling_decomposition.flat_margin_pct > 0, where, "analysis.scaling_decomposition.flat_margin_pct",
              "> 0", an.scaling_decomposition.flat_margin_pct)
     _require(0 < an.confidence < 1, where, "analysis.confidence", "strictly between 0 and 1", an.confidence)

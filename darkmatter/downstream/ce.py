@@ -32,6 +32,7 @@ from darkmatter.downstream.splice import (
     splice_losses,
     zero_ablation,
 )
+from darkmatter.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,13 @@ class SplicedSae:
 
 
 def _flat(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """Apply a [N, d] -> [N, d] map to [B, T, d] activations (in float32)."""
-    return lambda x: fn(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
+    """Apply a [N, d] -> [N, d] map to [B, T, d] activations in float32, outside any autocast: an SAE and b* are
+    applied in the precision they were fitted in, whatever precision the model runs in."""
+    def flat(x: Tensor) -> Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return fn(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
+
+    return flat
 
 
 def conditions(saes: Mapping[str, SplicedSae], mean: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -66,18 +72,40 @@ def conditions(saes: Mapping[str, SplicedSae], mean: Tensor) -> dict[str, Callab
     return out
 
 
-def context_subset(n_contexts: int, n: int) -> np.ndarray:
-    """``n`` eval contexts spread evenly over the split (consecutive contexts share documents)."""
-    if n >= n_contexts:
-        return np.arange(n_contexts)
-    return np.unique(np.linspace(0, n_contexts - 1, n).round().astype(np.int64))
+def context_subset(documents: Sequence[str], n: int, seed: int) -> np.ndarray:
+    """``n`` eval contexts drawn across as many documents as possible (``documents[c]``: context c's document):
+    documents in a seeded order, one context of each per round (each document's own contexts in a seeded order),
+    until ``n`` are chosen. Sorted. Long documents give many correlated contexts; this spreads the CE experiment's
+    tokens over the most independent units its size allows."""
+    documents = np.asarray(documents).astype(str)
+    if n >= len(documents):
+        return np.arange(len(documents))
+    rng = np.random.default_rng(seed)
+    names, inverse = np.unique(documents, return_inverse=True)
+    queues = [rng.permutation(np.flatnonzero(inverse == d)).tolist() for d in rng.permutation(len(names))]
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    return np.sort(np.array(chosen, dtype=np.int64))
+
+
+def context_documents(contexts_parquet: Path, n_contexts: int) -> np.ndarray:
+    """Each eval context's document id (the corpus step's {split}_contexts.parquet; a context without one is its
+    own document)."""
+    table = pl.read_parquet(contexts_parquet, columns=["context", "doc_id"])
+    docs = dict(zip(table["context"].to_list(), table["doc_id"].to_list(), strict=True))
+    return np.array([docs.get(c) or f"context {c}" for c in range(n_contexts)], dtype=object)
 
 
 def measure_ce(model: torch.nn.Module, tokens: np.ndarray, contexts: np.ndarray, hook: str, min_pos: int,
-               reps: Mapping[str, Callable[[Tensor], Tensor]], batch_contexts: int = 2,
+               reps: Mapping[str, Callable[[Tensor], Tensor]], batch_contexts: int = 2, autocast_bf16: bool = False,
                progress: bool = True) -> pl.DataFrame:
     """Per-token CE and KL(clean ‖ spliced) for the clean pass and every replacement in ``reps`` (keyed
-    ``"<condition>"`` or ``"<sae_id>|<condition>"``, e.g. :func:`conditions`) on the chosen eval ``contexts``.
+    ``"<condition>"`` or ``"<sae_id>|<condition>"``, e.g. :func:`conditions`) on the chosen eval ``contexts``;
+    ``autocast_bf16``: the model runs under bf16 autocast, as the activations were harvested (so the SAEs and b*
+    meet the activations they were fitted on).
 
     Returns a long table: sae_id ('' for global conditions), condition, context, position, ce, kl (nats).
     """
@@ -88,7 +116,8 @@ def measure_ce(model: torch.nn.Module, tokens: np.ndarray, contexts: np.ndarray,
         for start in range(0, len(contexts), batch_contexts):
             ctx = contexts[start : start + batch_contexts]
             ids = torch.from_numpy(tokens[ctx].astype(np.int64))
-            res = splice_losses(model, ids, hook, min_pos, reps)
+            with autocast(autocast_bf16):
+                res = splice_losses(model, ids, hook, min_pos, reps)
             n_pos = res.ce["clean"].shape[1]
             positions = np.tile(np.arange(min_pos, min_pos + n_pos, dtype=np.int32), len(ctx))
             ctx_col = np.repeat(ctx.astype(np.int32), n_pos)
@@ -127,7 +156,8 @@ def summarize_ce(per_token: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, params: Any, started: float) -> None:
+def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, params: Any, started: float,
+              autocast_bf16: bool) -> None:
     from darkmatter.io import atomic_dir
     from darkmatter.provenance import write_provenance
 
@@ -135,11 +165,17 @@ def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, para
         table.write_parquet(tmp / "token_ce.parquet")
         if summary is not None:
             summary.write_parquet(tmp / "summary.parquet")
-        write_provenance(tmp, params, started=started)
+        write_provenance(tmp, params, started=started, extra={"model_autocast_bf16": autocast_bf16})
+
+
+def _contexts_of(tokens_path: Path) -> Path:
+    """{split}_contexts.parquet beside {split}_tokens.npy (darkmatter.paths)."""
+    return tokens_path.with_name(tokens_path.name.replace("_tokens.npy", "_contexts.parquet"))
 
 
 def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook: str, sae_dirs: Sequence[str],
-                         out: Path, *, contexts: int, batch_contexts: int, min_pos: int, params: Any = None) -> None:
+                         out: Path, *, contexts: int, batch_contexts: int, min_pos: int, seed: int = 0,
+                         autocast_bf16: bool = False, params: Any = None) -> None:
     """The ``measure_ce`` step: load the model, the SAEs and their linear maps (``errors`` = the hook's folder of
     darkmatter.errors.measure); write token_ce.parquet + summary.parquet into ``out``."""
     from safetensors.torch import load_file
@@ -160,15 +196,17 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
         sae_id = Path(sae_dir).name
         sae, lin = load_sae(sae_dir), load_file(str(Path(errors) / sae_id / LINEAR_MAP))
         saes[sae_id] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
-    chosen = context_subset(len(tokens), contexts)
-    table = measure_ce(model, tokens, chosen, hook, min_pos, conditions(saes, mean), batch_contexts=batch_contexts)
-    _write_ce(out, table, summarize_ce(table), params, started)
+    chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
+    table = measure_ce(model, tokens, chosen, hook, min_pos, conditions(saes, mean), batch_contexts=batch_contexts,
+                       autocast_bf16=autocast_bf16)
+    _write_ce(out, table, summarize_ce(table), params, started, autocast_bf16)
     log.info("CE on %d contexts for %d SAEs in %.0f s", len(chosen), len(saes), time.time() - started)
 
 
 def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: str, hook: str, out: Path, *,
-                                 contexts: int, batch_contexts: int, min_pos: int, l0_multiple: int = 1,
-                                 l0: int | None = None, params: Any = None) -> None:
+                                 contexts: int, batch_contexts: int, min_pos: int, seed: int = 0,
+                                 l0_multiple: int = 1, l0: int | None = None, autocast_bf16: bool = False,
+                                 params: Any = None) -> None:
     """The ``measure_pursuit_ce`` step: CE and KL with one SAE's gradient-pursuit reconstruction spliced in
     (condition ``pursuit``; darkmatter.errors.pursuit) on the contexts of ``measure_ce``; writes token_ce.parquet
     (its clean rows equal measure_ce's) into ``out``."""
@@ -180,8 +218,8 @@ def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: st
     model, _ = load_model(model_path)
     tokens = np.load(tokens_path)
     fn = pursuit_reconstruction(load_sae(sae_dir), l0_multiple=l0_multiple, l0=l0)
-    chosen = context_subset(len(tokens), contexts)
+    chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
     table = measure_ce(model, tokens, chosen, hook, min_pos, {f"{Path(sae_dir).name}|pursuit": _flat(fn)},
-                       batch_contexts=batch_contexts)
-    _write_ce(out, table, None, params, started)
+                       batch_contexts=batch_contexts, autocast_bf16=autocast_bf16)
+    _write_ce(out, table, None, params, started, autocast_bf16)
     log.info("pursuit CE on %d contexts for %s in %.0f s", len(chosen), Path(sae_dir).name, time.time() - started)

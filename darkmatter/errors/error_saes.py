@@ -152,13 +152,14 @@ def evaluate(saes: dict[str, Sae], x: np.ndarray, contexts: np.ndarray, componen
     return codes, {k: v.numpy() for k, v in sums.items()}
 
 
-def fvu_about_mean(sums: dict[str, np.ndarray], name: str, weights: np.ndarray | None = None) -> float:
-    """Σ‖t − t̂‖² / Σ‖t − t̄‖² of component ``name`` from its per-context sums, each context counted
-    ``weights`` times (default once): the FVU of an error SAE on its own target."""
-    w = np.ones(len(sums["n"])) if weights is None else np.asarray(weights, dtype=np.float64)
-    n = w @ sums["n"]
-    total = w @ sums[f"{name}.target_sq"] - np.square(w @ sums[f"{name}.target_sum"]).sum() / n
-    return float(w @ sums[f"{name}.sse"] / total)
+def component_fvu(sums: dict[str, np.ndarray], name: str, weights: np.ndarray | None = None) -> np.ndarray:
+    """FVU of component ``name``'s SAE on its own target, about the target's mean, from the per-context sums
+    (:func:`darkmatter.analysis.stats.pooled_fvu`): [B] for context multiplicities ``weights`` [B, contexts], [1]
+    without."""
+    from darkmatter.analysis.stats import pooled_fvu
+
+    return pooled_fvu(sums[f"{name}.sse"][:, None], sums["n"], sums[f"{name}.target_sum"],
+                      sums[f"{name}.target_sq"], weights)[:, 0]
 
 
 def error_sae_specs(d_model: int, expansion: int, k: int, seed: int) -> dict[str, SaeSpec]:
@@ -192,7 +193,7 @@ def train_error_saes_to_folder(x_train: np.ndarray, x_eval: np.ndarray, contexts
             fires = np.bincount(idx[val > 0], minlength=result.sae.d_sae)
             records[name] = {
                 "component": name, "sae_id": specs[name].sae_id, "d_sae": result.sae.d_sae, "k": specs[name].k,
-                "fvu": fvu_about_mean(sums, name), "l0_mean": float((val > 0).sum(1).mean()),
+                "fvu": float(component_fvu(sums, name)[0]), "l0_mean": float((val > 0).sum(1).mean()),
                 "dead_count": int((fires == 0).sum()), "dead_fraction": float((fires == 0).mean()),
                 "eval_tokens": int(x_eval.shape[0]), "training_tokens": result.steps * cfg.batch_size,
                 "train_final_batch_fvu": float(result.log["fvu"][-1]), **{f"base_{k}": v for k, v in base.items()},

@@ -39,15 +39,19 @@ def _literal(text: str) -> str:
 def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
                    token_error_shards: Sequence[str | Path], token_ce: pl.DataFrame | None = None,
                    pursuit_saes: pl.DataFrame | None = None,
-                   pursuit_error_shards: Mapping[str, Sequence[str | Path]] | None = None) -> Path:
+                   pursuit_error_shards: Mapping[str, Sequence[str | Path]] | None = None,
+                   error_saes: pl.DataFrame | None = None) -> Path:
     """Create the DuckDB file at ``path`` from the token and SAE tables, per-SAE Parquet shards and CE rows;
-    ``pursuit_saes`` and ``pursuit_error_shards`` (method → per-SAE shards): the gradient-pursuit comparison."""
+    ``pursuit_saes`` and ``pursuit_error_shards`` (method → per-SAE shards): the gradient-pursuit comparison;
+    ``error_saes``: the SAEs trained on error components."""
     path = Path(path)
     frames = {"tokens": _check_columns("tokens", tokens), "saes": _check_columns("saes", saes)}
     if token_ce is not None:
         frames["token_ce"] = _check_columns("token_ce", token_ce)
     if pursuit_saes is not None:
         frames["pursuit_saes"] = _check_columns("pursuit_saes", pursuit_saes)
+    if error_saes is not None:
+        frames["error_saes"] = _check_columns("error_saes", error_saes)
     cols = ", ".join(c.name for c in TABLES["token_errors"])
     with atomic_file(path) as tmp, duckdb.connect(str(tmp)) as con:
         for name in TABLES:
@@ -87,10 +91,11 @@ def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFami
 
     from darkmatter.data.activations import ActivationStore
     from darkmatter.data.models import load_tokenizer
+    from darkmatter.errors.error_saes import METRICS as ERROR_SAE_METRICS
     from darkmatter.errors.measure import METRICS, TOKEN_ERRORS
     from darkmatter.io import read_json
     from darkmatter.sae.families import expand_families
-    from darkmatter.store.tables import METHODS, pursuit_table, saes_table, tokens_table
+    from darkmatter.store.tables import METHODS, error_saes_table, pursuit_table, saes_table, tokens_table
 
     members = expand_families(families, primary_hook)
     tokenizer = tokenizer or load_tokenizer(read_json(paths.model_json)["path"])
@@ -108,7 +113,10 @@ def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFami
     ce_rows = [pl.read_parquet(token_ce)] if token_ce.is_file() else []
     if (paths.pursuit_ce / "token_ce.parquet").is_file():  # its clean rows repeat measure_ce's
         ce_rows.append(pl.read_parquet(paths.pursuit_ce / "token_ce.parquet").filter(pl.col("condition") != "clean"))
+    hooks = dict.fromkeys(m.hook for m in members)
+    error_sae_metrics = [paths.error_saes(h) / ERROR_SAE_METRICS for h in hooks if paths.error_saes(h).is_dir()]
     return build_database(out or paths.database, tokens, saes,
                           [paths.sae_errors(m.hook, m.sae_id) / TOKEN_ERRORS for m in members],
                           pl.concat(ce_rows) if ce_rows else None, pursuit,
-                          {method: [f / TOKEN_ERRORS for f in folders] for method, folders in pursued.items()})
+                          {method: [f / TOKEN_ERRORS for f in folders] for method, folders in pursued.items()},
+                          error_saes_table(error_sae_metrics))

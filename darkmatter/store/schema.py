@@ -70,6 +70,22 @@ PURSUIT_SAES = (
     Column("seconds", "DOUBLE", "wall time of the pursuit of these tokens; NULL for the encoder"),
 )
 
+ERROR_SAES = (
+    Column("component", "VARCHAR",
+           "sae_error (the control) | linear_error | nonlinear_error: the base SAE's error component this SAE learnt"),
+    Column("sae_id", "VARCHAR", "the error SAE's own identifier (topk-w<width>-k<k>-s<seed>; not in saes)"),
+    Column("hook", "VARCHAR", "hook of the base SAE"),
+    Column("base_sae_id", "VARCHAR", "the base SAE whose error it learnt (joins saes.sae_id)"),
+    Column("width", "INTEGER", "latents"),
+    Column("k", "INTEGER", "active latents per token"),
+    Column("fvu", "DOUBLE", "FVU of its component on all eval tokens, about the component's mean"),
+    Column("l0_mean", "DOUBLE", "mean active latents per eval token"),
+    Column("dead_count", "INTEGER", "latents that never fire on the eval split"),
+    Column("dead_fraction", "DOUBLE", "dead_count / width"),
+    Column("training_tokens", "BIGINT", "tokens seen in training"),
+    Column("train_final_batch_fvu", "DOUBLE", "FVU on its last training batch"),
+)
+
 TOKEN_ERRORS = (
     Column("sae_id", "VARCHAR", "SAE identifier (joins saes.sae_id)"),
     Column("row", "BIGINT", "eval row (joins tokens.row)"),
@@ -104,7 +120,7 @@ TOKEN_CE = (
 
 TABLES: dict[str, tuple[Column, ...]] = {
     "tokens": TOKENS, "saes": SAES, "token_errors": TOKEN_ERRORS, "token_ce": TOKEN_CE,
-    "pursuit_saes": PURSUIT_SAES, "pursuit_errors": PURSUIT_ERRORS,
+    "pursuit_saes": PURSUIT_SAES, "pursuit_errors": PURSUIT_ERRORS, "error_saes": ERROR_SAES,
 }
 
 VIEWS: dict[str, tuple[str, str]] = {

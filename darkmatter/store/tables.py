@@ -15,7 +15,7 @@ import polars as pl
 
 from darkmatter.data.activations import ActivationStore
 from darkmatter.sae.families import SaeMember
-from darkmatter.store.schema import PURSUIT_SAES, SAES
+from darkmatter.store.schema import ERROR_SAES, PURSUIT_SAES, SAES
 
 METHODS = ("encoder", "pursuit")  # the pursuit comparison's two codes of the same tokens
 
@@ -42,8 +42,23 @@ def pursuit_table(metrics: Mapping[str, Sequence[Path]]) -> pl.DataFrame:
                          **{c: m.get(c) for c in ("fvu", "fvu_linear", "fvu_nonlinear", "r2_vector_mean_dims",
                                                   "r2_norm_sq", "l0_mean")},
                          "seconds": m.get("pursuit_seconds")})
-    schema = {c.name: {"VARCHAR": pl.Utf8, "BIGINT": pl.Int64}.get(c.sql_type, pl.Float64) for c in PURSUIT_SAES}
-    return pl.DataFrame(rows, schema=schema)
+    return pl.DataFrame(rows, schema=_schema(PURSUIT_SAES))
+
+
+def error_saes_table(metrics: Sequence[Path]) -> pl.DataFrame:
+    """One row per error SAE from the metrics.json of darkmatter.errors.error_saes' folders (one per hook);
+    columns of :data:`darkmatter.store.schema.ERROR_SAES`."""
+    rows = [{"component": r["component"], "sae_id": r["sae_id"], "hook": r["base_hook"],
+             "base_sae_id": r["base_sae_id"], "width": r["d_sae"],
+             **{c: r[c] for c in ("k", "fvu", "l0_mean", "dead_count", "dead_fraction", "training_tokens",
+                                  "train_final_batch_fvu")}}
+            for path in metrics for r in json.loads(Path(path).read_text())["components"].values()]
+    return pl.DataFrame(rows, schema=_schema(ERROR_SAES))
+
+
+def _schema(columns) -> dict[str, pl.DataType]:
+    return {c.name: {"VARCHAR": pl.Utf8, "BIGINT": pl.Int64, "INTEGER": pl.Int32}.get(c.sql_type, pl.Float64)
+            for c in columns}
 
 
 def saes_table(members: Sequence[SaeMember], metrics: Sequence[Path],

@@ -33,10 +33,11 @@ def test_smoke_config_loads_and_round_trips():
     assert cfg.hash() == load_config(data=to_dict(cfg)).hash()
 
 
-def test_a_small_eval_split_keeps_the_default_pursuit():
-    """pursuit.contexts (60) above the split's contexts means all of them, so a small experiment needs no edit."""
+def test_a_small_eval_split_keeps_the_default_pursuit_and_ce():
+    """pursuit.contexts (60) and downstream.contexts (48) above the split's contexts mean all of them, so a small
+    experiment needs no edit."""
     cfg = load_config(data={"harvest": {"eval_contexts": 20}, "decomposition": {"fit_tokens": 10_000}})
-    assert cfg.pursuit.contexts == 60 and cfg.harvest.eval_contexts == 20
+    assert cfg.pursuit.contexts == 60 and cfg.downstream.contexts == 48 and cfg.harvest.eval_contexts == 20
 
 
 def _bad(tmp_path, data: dict) -> str:
@@ -61,7 +62,10 @@ def _bad(tmp_path, data: dict) -> str:
         ({"analysis": {"ce_contexts": 4}}, "analysis.ce_contexts", "replaced by downstream.contexts"),
         ({"analysis": {"probe_mechanism": {"tokens": 1}}}, "analysis.probe_mechanism.tokens", ">= 2"),
         ({"families": [{"name": "g", "architecture": "gated"}]}, "families[0].architecture", "one of topk"),
-        ({"downstream": {"contexts": 301}}, "downstream.contexts", "between 1 and harvest.eval_contexts"),
+        ({"downstream": {"contexts": 0}}, "downstream.contexts", ">= 1"),
+        ({"error_saes": {"base": "topk-w7-k32-s0"}}, "error_saes.base", "an SAE of the families"),
+        ({"analysis": {"error_component_saes": {"judge": {"endpoint": "ftp://x"}}}},
+         "analysis.error_component_saes.judge.endpoint", "an http(s):// URL"),
         ({"pursuit": {"contexts": 0}}, "pursuit.contexts", "null or >= 1"),
         ({"pursuit": {"l0_multiple": 0}}, "pursuit.l0_multiple", ">= 1"),
         ({"pursuit": {"l0": -1}}, "pursuit.l0", "null or >= 0"),

@@ -27,7 +27,7 @@ def test_planted_linear_error_is_fully_recovered(llama):
         "half": SplicedSae(lambda x: x @ half, half, torch.zeros(D)),
         "noisy": SplicedSae(lambda x: x @ (torch.eye(D) + noise), -noise, torch.zeros(D)),
     }
-    table = measure_ce(model, _tokens(), context_subset(6, 4), "blocks.1.hook_resid_post", 8,
+    table = measure_ce(model, _tokens(), np.array([0, 2, 3, 5]), "blocks.1.hook_resid_post", 8,
                        conditions(saes, torch.zeros(D)), progress=False)
     assert table.height == 4 * 31 * (3 + 3 * 2)  # contexts x scored positions x conditions
     summary = {r["sae_id"]: r for r in summarize_ce(table).iter_rows(named=True)}
@@ -41,6 +41,13 @@ def test_planted_linear_error_is_fully_recovered(llama):
     assert (clean["kl"] == 0).all()
 
 
-def test_context_subset_spreads_over_the_split():
-    np.testing.assert_array_equal(context_subset(300, 4), [0, 100, 199, 299])
-    np.testing.assert_array_equal(context_subset(3, 10), [0, 1, 2])
+def test_context_subset_covers_as_many_documents_as_it_can():
+    docs = np.array(["a"] * 30 + ["b"] * 5 + ["c"] * 2 + ["d"])  # one long document, three short ones
+    four = context_subset(docs, 4, seed=0)
+    assert sorted(set(docs[four])) == ["a", "b", "c", "d"]  # one context of each
+    nine = context_subset(docs, 9, seed=0)
+    assert len(nine) == 9 and len(set(nine)) == 9 and np.all(np.diff(nine) > 0)
+    assert {d: int((docs[nine] == d).sum()) for d in "abcd"} == {"a": 3, "b": 3, "c": 2, "d": 1}  # round robin
+    np.testing.assert_array_equal(context_subset(docs, 9, seed=0), nine)  # seeded
+    assert not np.array_equal(context_subset(docs, 9, seed=1), nine)
+    np.testing.assert_array_equal(context_subset(docs[:3], 10, seed=0), [0, 1, 2])

@@ -12,8 +12,8 @@ from darkmatter.errors.error_saes import (
     COMPONENTS,
     ComponentRows,
     ErrorComponents,
+    component_fvu,
     evaluate,
-    fvu_about_mean,
     train_error_saes_to_folder,
     train_jointly,
 )
@@ -80,7 +80,7 @@ def test_a_planted_sparse_nonlinear_error_gives_its_dictionary_back(tmp_path):
     assert not (tmp_path / ".error_saes.ckpt").exists()
 
 
-def test_fvu_about_the_mean_from_context_sums_matches_a_direct_computation():
+def test_component_fvu_from_context_sums_matches_a_direct_computation():
     x, comps, _ = planted(3000)
     contexts = np.repeat(np.arange(6), 500)
     sae = Trainer(ComponentRows(x, comps, "sae_error"), SaeSpec("topk", 48, 3, 0), cfg(2048)).run(progress=False).sae
@@ -89,11 +89,11 @@ def test_fvu_about_the_mean_from_context_sums_matches_a_direct_computation():
         y = torch.from_numpy(x).double()
         resid = (y - sae(torch.from_numpy(x)).x_hat.double()).square().sum()
         direct = float(resid / (y - y.mean(0)).square().sum())
-    assert fvu_about_mean(sums, "sae_error") == pytest.approx(direct, rel=1e-5)
+    assert component_fvu(sums, "sae_error")[0] == pytest.approx(direct, rel=1e-5)
     w = np.array([2, 0, 1, 0, 3, 0])  # a resample of contexts: weighted rows
     rows = np.repeat(np.arange(3000), w[contexts])
     with torch.no_grad():
         yw, xw = y[rows], torch.from_numpy(x[rows])
         direct_w = float((yw - sae(xw).x_hat.double()).square().sum() / (yw - yw.mean(0)).square().sum())
-    assert fvu_about_mean(sums, "sae_error", w) == pytest.approx(direct_w, rel=1e-5)
+    assert component_fvu(sums, "sae_error", w[None])[0] == pytest.approx(direct_w, rel=1e-5)
     assert codes["sae_error"][0].shape == (3000, 3)

@@ -49,6 +49,7 @@ rule measure_pursuit_ce:
     input:
         model=rules.prepare_model.output[0],
         corpus=rules.prepare_corpus.output[0],
+        activations=str(P.activations("eval")),
         sae=str(P.sae(EXP.primary_hook, widest(members_of(EXP.primary_hook)).sae_id)),
     output:
         directory(str(P.pursuit_ce)),
@@ -64,5 +65,5 @@ rule measure_pursuit_ce:
         str(P.log("measure_pursuit_ce")),
     shell:
         "{params.py:q} -m darkmatter.cli --threads {threads} measure-pursuit-ce --params {params.ce:q} "
-        "--model {input.model:q} --tokens {params.tokens:q} --sae {input.sae:q} --hook {params.hook:q} "
+        "--model {input.model:q} --tokens {params.tokens:q} --sae {input.sae:q} --hook {params.hook:q} --activations {input.activations:q} "
         "--out {output:q} > {log:q} 2>&1"
