@@ -42,6 +42,7 @@ from darkmatter.store.schema import TABLES
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK = "blocks.1.hook_resid_post"
+SOURCE_HOOK, NOISE_HOOK = "blocks.1.hook_mlp_out", "blocks.0.hook_resid_post"  # make_experiment(source_hooks=True)
 MIN_POS = 8
 
 
@@ -113,19 +114,22 @@ def planted_atoms(n_rows: int = 100_000, d: int = 32, n_atoms: int = 48, active:
 
 def write_activation_store(folder: Path, x: np.ndarray, contexts: np.ndarray, min_pos: int,
                            loss: np.ndarray | None = None, token_ids: np.ndarray | None = None,
-                           hook: str = HOOK) -> Path:
-    """An activation store in darkmatter.data.activations' layout: ``x`` [N, d] float32, rows grouped by
-    ``contexts`` [N] with positions min_pos, min_pos + 1, … within each context."""
+                           hook: str = HOOK, others: dict[str, np.ndarray] | None = None) -> Path:
+    """An activation store in darkmatter.data.activations' layout: ``x`` [N, d] float32 at ``hook`` (and the arrays
+    of ``others`` at their hooks), rows grouped by ``contexts`` [N] with positions min_pos, min_pos + 1, … within
+    each context."""
     folder.mkdir(parents=True)
     n = len(x)
-    np.save(folder / f"{hook}.npy", np.asarray(x, dtype=np.float32))
+    arrays = {hook: x, **(others or {})}
+    for name, a in arrays.items():
+        np.save(folder / f"{name}.npy", np.asarray(a, dtype=np.float32))
     counts = np.bincount(contexts)
     positions = np.concatenate([np.arange(min_pos, min_pos + c) for c in counts]).astype(np.int32)
     pl.DataFrame({"row": np.arange(n, dtype=np.int64), "context": contexts.astype(np.int32), "position": positions,
                   "token_id": (np.zeros(n) if token_ids is None else token_ids).astype(np.int32),
                   "loss": (np.full(n, np.nan) if loss is None else loss).astype(np.float32),
                   }).write_parquet(folder / "index.parquet")
-    write_json(folder / "meta.json", {"hooks": [hook], "d_model": {hook: int(x.shape[1])},
+    write_json(folder / "meta.json", {"hooks": list(arrays), "d_model": {h: int(a.shape[1]) for h, a in arrays.items()},
                                       "n_contexts": int(len(counts)), "context_size": int(min_pos + counts.max()),
                                       "min_pos": min_pos, "rows": n, "with_loss": loss is not None,
                                       "dtype": "float32"})
@@ -214,11 +218,13 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
                     widths: Sequence[int] = (16, 32, 64, 96), width_k: int = 4, ks: Sequence[int] = (2, 4, 8),
                     k_width: int = 32, extra: dict[SaeSpec, tuple[str, Sae]] | None = None,
                     fit_fraction: float = 0.6, pursuit_contexts: int | None = None, error_saes: bool = False,
-                    seed: int = 0) -> Experiment:
+                    source_hooks: bool = False, seed: int = 0) -> Experiment:
     """Build the experiment under ``root`` (module docstring); ``extra`` maps spec → (family, SAE);
     ``pursuit_contexts``: also run the pursuit steps (darkmatter.errors.pursuit) on that many contexts;
     ``error_saes``: also train the error-component SAEs (darkmatter.errors.error_saes; x is their training pool
-    too) of the widest width-family SAE."""
+    too) of the widest width-family SAE; ``source_hooks``: two more hooks with an exact ("linear") SAE each, whose
+    activations are the widest width-family SAE's error under a random rotation (``SOURCE_HOOK``) and independent
+    noise (``NOISE_HOOK``): planted predictors of that error for analyses/error_sources.py."""
     with torch_threads(1):
         rng = np.random.default_rng(seed)
         planted = planted_activations(rng, d_in=d_in, n_contexts=n_contexts, n_positions=n_positions,
@@ -226,8 +232,15 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
                                       magnitude_jitter=magnitude_jitter, noise=noise, context_shift=context_shift)
         paths = ExperimentPaths.at(root / "results" / "planted")
         n = planted.x.shape[0]
+        base = topk_sae(planted.features[:max(widths)], planted.bias, width_k)
+        others = {}
+        if source_hooks:
+            with torch.no_grad():
+                error = (torch.from_numpy(planted.x) - base(torch.from_numpy(planted.x)).x_hat).numpy()
+            rotation = np.linalg.qr(rng.standard_normal((d_in, d_in)))[0]
+            others = {SOURCE_HOOK: error @ rotation, NOISE_HOOK: rng.standard_normal((n, d_in))}
         store = write_activation_store(paths.activations("eval"), planted.x, planted.contexts, MIN_POS,
-                                       loss=rng.uniform(1, 5, n), token_ids=rng.integers(3, 200, n))
+                                       loss=rng.uniform(1, 5, n), token_ids=rng.integers(3, 200, n), others=others)
         paths.contexts("eval").parent.mkdir(parents=True)
         pl.DataFrame({"context": np.arange(n_contexts, dtype=np.int32),
                       "doc_id": [f"doc/{c}" for c in range(n_contexts)]}).write_parquet(paths.contexts("eval"))
@@ -245,6 +258,15 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
             save_sae(sae, paths.sae(HOOK, spec.sae_id))
             encode_to_folder(sae, planted.x, paths.codes(HOOK, spec.sae_id), {"sae_id": spec.sae_id, "hook": HOOK},
                              progress=False)
+        for hook, a in others.items():  # an exact SAE per source hook, measured like any other
+            spec = SaeSpec("relu", 2 * d_in, d_in, 0)
+            families.append(SaeFamilyConfig(hook.split(".")[-1], "relu", hook, (spec.d_sae,), (spec.k,)))
+            save_sae(linear_sae(np.eye(d_in)), paths.sae(hook, spec.sae_id))
+            encode_to_folder(linear_sae(np.eye(d_in)), a, paths.codes(hook, spec.sae_id),
+                             {"sae_id": spec.sae_id, "hook": hook}, progress=False)
+            measure_hook([paths.sae(hook, spec.sae_id)], [paths.codes(hook, spec.sae_id)], store, hook,
+                         paths.errors(hook), fit_tokens=int(round(fit_fraction * n)), seed=seed, intercept=True,
+                         ridge=0.0, progress=False)
         fit_tokens = int(round(fit_fraction * n))
         ids = [spec.sae_id for spec in saes]
         measure_hook([paths.sae(HOOK, i) for i in ids], [paths.codes(HOOK, i) for i in ids], store, HOOK,

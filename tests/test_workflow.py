@@ -70,18 +70,23 @@ def test_smoke_workflow_end_to_end(tmp_path):
         meta = json.loads((results / "activations" / split / "meta.json").read_text())
         assert meta["hooks"] == ["blocks.1.hook_resid_post"]
         assert (results / "activations" / split / "provenance.json").is_file()
-    n_saes = len(expand_families(cfg.families, cfg.primary_hook))
+    members = expand_families(cfg.families, cfg.primary_hook)
+    n_saes, primary = len(members), [m for m in members if m.hook == cfg.primary_hook]
+    assert len(primary) < n_saes  # SAEs on the other harvested hooks too
+    n_hooks = len(cfg.harvest.hooks)
     with connect(results / "darkmatter.duckdb") as con:
         n_tokens = con.execute("SELECT count(*) FROM tokens").fetchone()[0]
         assert n_tokens == cfg.harvest.eval_contexts * (cfg.harvest.context_size - cfg.harvest.min_pos)
         assert con.execute("SELECT count(*) FROM token_errors").fetchone()[0] == n_tokens * n_saes
         fvu = dict(con.execute("SELECT sae_id, fvu FROM saes").fetchall())
         assert len(fvu) == n_saes and all(0 < v < 1 for v in fvu.values())
-        assert con.execute("SELECT count(DISTINCT sae_id) FROM token_ce WHERE sae_id <> ''").fetchone()[0] == n_saes
+        assert con.execute("SELECT count(DISTINCT sae_id) FROM token_ce WHERE sae_id <> ''").fetchone()[0] == len(primary)
         pursued = cfg.pursuit.contexts * (cfg.harvest.context_size - cfg.harvest.min_pos)
         assert con.execute("SELECT count(*) FROM pursuit_errors").fetchone()[0] == 2 * n_saes * pursued
         spliced = con.execute("SELECT DISTINCT sae_id FROM token_ce WHERE condition = 'pursuit'").fetchall()
-        assert spliced == [(widest(expand_families(cfg.families, cfg.primary_hook)).sae_id,)]
+        assert spliced == [(widest(primary).sae_id,)]
+        hooks = dict(con.execute("SELECT hook, count(*) FROM saes GROUP BY hook").fetchall())
+        assert hooks == {cfg.primary_hook: len(primary)} | {h: 1 for h in cfg.harvest.hooks[1:]}
         error_saes = con.execute("SELECT component, base_sae_id, width, fvu FROM error_saes ORDER BY 1").fetchall()
         assert [r[:3] for r in error_saes] == [(c, "topk-w512-k8-s0", 4 * 64) for c in
                                                ("linear_error", "nonlinear_error", "sae_error")]
@@ -102,12 +107,12 @@ def test_smoke_workflow_end_to_end(tmp_path):
     assert planned_jobs(args, analysis_edit, tmp_path) == {"run_analysis": 1, "render_report": 1, "all": 1}
     fit_edit = smoke | {"decomposition": smoke["decomposition"] | {"fit_tokens": 1200}}
     assert planned_jobs(args, fit_edit, tmp_path) == {
-        "measure_errors": 1, "measure_ce": 1, "measure_pursuit": 1, "train_error_saes": 1, "build_database": 1,
+        "measure_errors": n_hooks, "measure_ce": 1, "measure_pursuit": n_hooks, "train_error_saes": 1, "build_database": 1,
         "run_analysis": len(cfg.analysis.names), "render_report": 1, "all": 1}  # no harvest, training, encoding, pursuit
     # (the error SAEs learn the errors b* splits: a new b* retrains them)
     pursuit_edit = smoke | {"pursuit": {"contexts": 8}}
     assert planned_jobs(args, pursuit_edit, tmp_path) == {
-        "pursue": n_saes, "measure_pursuit": 1, "build_database": 1, "run_analysis": len(cfg.analysis.names),
+        "pursue": n_saes, "measure_pursuit": n_hooks, "build_database": 1, "run_analysis": len(cfg.analysis.names),
         "render_report": 1, "all": 1}  # the encoders' measurement and both CE steps stay
     error_sae_edit = smoke | {"error_saes": smoke["error_saes"] | {"expansion": 2}}
     assert planned_jobs(args, error_sae_edit, tmp_path) == {

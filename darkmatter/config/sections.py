@@ -281,6 +281,7 @@ ANALYSES = (
     "ce_contributions",
     "pursuit",
     "error_component_saes",
+    "error_sources",
 )
 
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from darkmatter.config import SaeTrainingConfig
 from darkmatter.io import atomic_dir, write_json
 from darkmatter.provenance import write_provenance
+from darkmatter.regression import LazyRows
 from darkmatter.sae.batches import ShuffledBatches, derived_seed
 from darkmatter.sae.codes import SparseCodes, encode, save_codes
 from darkmatter.sae.families import SaeSpec
@@ -78,17 +79,13 @@ class ErrorComponents:
         return {"sae_error": error, "linear_error": linear, "nonlinear_error": error - linear}
 
 
-class ComponentRows:
-    """One component of ``x`` as a read-only array (rows computed when indexed): what a Trainer samples its
-    initialisation (input scale, b_dec) from."""
+def component_rows(x: np.ndarray, components: ErrorComponents, name: str) -> LazyRows:
+    """Component ``name`` of ``x`` as a read-only array whose rows are computed when indexed (by a slice or by row
+    ids): what a Trainer samples its initialisation (input scale, b_dec) from."""
+    def get(rows: Any) -> np.ndarray:
+        return components(torch.from_numpy(np.array(x[rows], dtype=np.float32)))[name].numpy()
 
-    def __init__(self, x: np.ndarray, components: ErrorComponents, name: str):
-        self.x, self.components, self.name = x, components, name
-        self.shape, self.ndim, self.dtype = tuple(x.shape), 2, np.dtype(np.float32)
-
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        xb = torch.from_numpy(np.asarray(self.x[rows], dtype=np.float32))
-        return self.components(xb)[self.name].numpy()
+    return LazyRows(x.shape[0], x.shape[1], get)
 
 
 def train_jointly(trainers: Sequence[Trainer], x: np.ndarray, targets: Callable[[Tensor], dict[str, Tensor]],
@@ -178,7 +175,7 @@ def train_error_saes_to_folder(x_train: np.ndarray, x_eval: np.ndarray, contexts
     out = Path(out)
     ckpt = out.with_name(f".{out.name}.ckpt")
     names = list(specs)
-    trainers = [Trainer(ComponentRows(x_train, components, name), specs[name], cfg,  # type: ignore[arg-type]
+    trainers = [Trainer(component_rows(x_train, components, name), specs[name], cfg,  # type: ignore[arg-type]
                         checkpoint_dir=ckpt / name) for name in names]
     results = train_jointly(trainers, x_train, components, names, progress=progress)
     trained = time.time()

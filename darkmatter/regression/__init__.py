@@ -33,6 +33,8 @@ from darkmatter.regression.solve import (
     HeldoutFit,
     LinearFit,
     fit_linear,
+    group_test_sums,
+    heldout_group_sums,
     heldout_r2,
     residual_ss,
 )
@@ -40,6 +42,8 @@ from darkmatter.regression.solve import (
 __all__ = [
     "CHUNK_ROWS", "DEFAULTS", "RCOND", "TILE_ROWS", "ArrayLike", "Chunk", "Design", "GroupSums",
     "GroupSumsAccumulator", "HeldoutFit", "LazyRows", "LinearFit", "Moments", "R2Scores", "TargetMoments",
-    "TargetSums", "XMoments", "XSums", "as_f64", "as_tensor", "chunks", "fit_linear", "heldout_r2", "load_moments",
+    "TargetSums", "XMoments", "XSums", "as_f64", "as_tensor", "chunks", "fit_linear", "heldout_group_sums", "heldout_r2",
+    "load_moments",
     "r2_from_ss", "r2_scores", "residual_ss", "row_chunks", "save_moments", "split_mask", "stream_moments",
+    "group_test_sums",
 ]

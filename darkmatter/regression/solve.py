@@ -32,7 +32,7 @@ from darkmatter.regression.moments import (
     split_mask,
     stream_moments,
 )
-from darkmatter.regression.r2 import R2Scores, r2_from_ss
+from darkmatter.regression.r2 import GroupSums, GroupSumsAccumulator, R2Scores, r2_from_ss
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +234,36 @@ def heldout_r2(x: ArrayLike, y: ArrayLike, *, fit_tokens: int = DEFAULTS.fit_tok
     design = Design(m.x[0], m.x[1], intercept=intercept, ridge=ridge)
     lin = design.solve(m.y[0])
     return HeldoutFit(lin, design.heldout_r2(lin, m.y[1]), m.x[0].n, m.x[1].n)
+
+
+def heldout_group_sums(x: ArrayLike, y: ArrayLike, mask: np.ndarray, groups: np.ndarray, *,
+                       intercept: bool = DEFAULTS.intercept, ridge: float = DEFAULTS.ridge,
+                       chunk_rows: int = CHUNK_ROWS, progress: bool = False,
+                       desc: str = "regression") -> tuple[LinearFit, GroupSums]:
+    """Fit ``y ≈ x·B (+ b0)`` on the rows ``mask`` selects and return the fit with the per-group sums of the other
+    rows (:class:`GroupSums`: their held-out R² under any resampling of ``groups`` [N], e.g. eval contexts).
+
+    Two passes over the rows (moments, then :func:`group_test_sums`); x and y may be memmaps or
+    :class:`~darkmatter.regression.LazyRows`, only one chunk of each is in memory at a time. To fit several designs
+    (with and without intercept) on one pass of moments, call :func:`stream_moments` and :func:`group_test_sums`.
+    """
+    m = stream_moments(x, y, mask, chunk_rows=chunk_rows, progress=progress, desc=f"{desc}: moments")
+    assert m.x is not None and m.y is not None
+    lin = Design(m.x[0], m.x[1], intercept=intercept, ridge=ridge).solve(m.y[0])
+    return lin, group_test_sums(x, y, mask, groups, lin, chunk_rows=chunk_rows)
+
+
+def group_test_sums(x: ArrayLike, y: ArrayLike, mask: np.ndarray, groups: np.ndarray, fit: LinearFit, *,
+                    chunk_rows: int = CHUNK_ROWS) -> GroupSums:
+    """Per-group sums of y and of its residual under ``fit`` over the rows ``mask`` leaves out (float64)."""
+    mask, groups = np.asarray(mask, dtype=bool), np.asarray(groups)
+    coef, b0 = torch.from_numpy(fit.coef), torch.from_numpy(fit.intercept)
+    acc = GroupSumsAccumulator(groups[~mask])
+    for sl in row_chunks(x.shape[0], chunk_rows):
+        test = ~mask[sl]
+        if test.any():
+            keep = torch.from_numpy(test)
+            yt = as_f64(y[sl])[keep]
+            yt = yt[:, None] if yt.ndim == 1 else yt
+            acc.add(groups[sl][test], yt, yt - torch.addmm(b0, as_f64(x[sl])[keep], coef))
+    return acc.result()

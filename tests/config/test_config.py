@@ -63,6 +63,7 @@ def _bad(tmp_path, data: dict) -> str:
         ({"analysis": {"probe_mechanism": {"tokens": 1}}}, "analysis.probe_mechanism.tokens", ">= 2"),
         ({"families": [{"name": "g", "architecture": "gated"}]}, "families[0].architecture", "one of topk"),
         ({"downstream": {"contexts": 0}}, "downstream.contexts", ">= 1"),
+        ({"families": [{"name": "w", "hook": "blocks.14.hook_resid_post"}]}, "families[0].hook", "one of harvest.hooks"),
         ({"error_saes": {"base": "topk-w7-k32-s0"}}, "error_saes.base", "an SAE of the families"),
         ({"analysis": {"error_component_saes": {"judge": {"endpoint": "ftp://x"}}}},
          "analysis.error_component_saes.judge.endpoint", "an http(s):// URL"),

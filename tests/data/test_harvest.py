@@ -59,6 +59,23 @@ def test_early_stop_gives_the_same_activations_as_a_full_pass(llama, tmp_path):
     assert np.isnan(early.index()["loss"].to_numpy()).all()
 
 
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_several_hooks_in_one_pass_equal_each_hook_harvested_alone(llama, tmp_path, with_loss):
+    """The residual stream of two blocks and one block's MLP and attention outputs, recorded in one (early-stopped)
+    pass, are bitwise the arrays of four single-hook harvests."""
+    model, _ = llama
+    toks = _tokens()
+    hooks = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out",
+             "blocks.1.hook_attn_out")
+    together = ActivationStore(harvest(model, toks, _spec(hooks=hooks, with_loss=with_loss), tmp_path / "all",
+                                       progress=False))
+    assert together.meta["hooks"] == list(hooks)
+    for i, hook in enumerate(hooks):
+        alone = ActivationStore(harvest(model, toks, _spec(hooks=(hook,), with_loss=with_loss), tmp_path / str(i),
+                                        progress=False))
+        np.testing.assert_array_equal(together.activations(hook), alone.activations(hook))
+
+
 def test_two_harvests_are_bitwise_identical_and_bf16_stays_close(llama, tmp_path):
     model, _ = llama
     toks = _tokens()

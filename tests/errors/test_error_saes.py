@@ -10,9 +10,9 @@ import torch
 from darkmatter.config import SaeTrainingConfig
 from darkmatter.errors.error_saes import (
     COMPONENTS,
-    ComponentRows,
     ErrorComponents,
     component_fvu,
+    component_rows,
     evaluate,
     train_error_saes_to_folder,
     train_jointly,
@@ -47,7 +47,7 @@ def test_components_sum_to_the_error_and_split_as_planted():
     torch.testing.assert_close(ys["sae_error"], torch.from_numpy(x))
     torch.testing.assert_close(ys["linear_error"] + ys["nonlinear_error"], ys["sae_error"], rtol=0, atol=0)
     assert float(ys["linear_error"][:, 16:].abs().max()) == 0.0 and float(ys["nonlinear_error"][:, :16].abs().max()) == 0.0
-    np.testing.assert_array_equal(ComponentRows(x, comps, "nonlinear_error")[np.array([3, 7])][:, 16:], x[[3, 7], 16:])
+    np.testing.assert_array_equal(component_rows(x, comps, "nonlinear_error")[np.array([3, 7])][:, 16:], x[[3, 7], 16:])
 
 
 def test_joint_training_equals_training_each_alone_bitwise():
@@ -55,8 +55,8 @@ def test_joint_training_equals_training_each_alone_bitwise():
     c = cfg(1024 * 12)
     names = ["linear_error", "nonlinear_error"]
     spec = SaeSpec("topk", 48, 3, 0)
-    alone = [Trainer(ComponentRows(x, comps, n), spec, c).run(progress=False) for n in names]
-    joint = train_jointly([Trainer(ComponentRows(x, comps, n), spec, c) for n in names], x, comps, names,
+    alone = [Trainer(component_rows(x, comps, n), spec, c).run(progress=False) for n in names]
+    joint = train_jointly([Trainer(component_rows(x, comps, n), spec, c) for n in names], x, comps, names,
                           progress=False)
     for a, j in zip(alone, joint, strict=True):
         for name, t in a.sae.tensors().items():
@@ -83,7 +83,7 @@ def test_a_planted_sparse_nonlinear_error_gives_its_dictionary_back(tmp_path):
 def test_component_fvu_from_context_sums_matches_a_direct_computation():
     x, comps, _ = planted(3000)
     contexts = np.repeat(np.arange(6), 500)
-    sae = Trainer(ComponentRows(x, comps, "sae_error"), SaeSpec("topk", 48, 3, 0), cfg(2048)).run(progress=False).sae
+    sae = Trainer(component_rows(x, comps, "sae_error"), SaeSpec("topk", 48, 3, 0), cfg(2048)).run(progress=False).sae
     codes, sums = evaluate({"sae_error": sae}, x, contexts, comps, progress=False)
     with torch.no_grad():
         y = torch.from_numpy(x).double()

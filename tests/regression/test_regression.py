@@ -230,3 +230,29 @@ def test_streams_from_memmaps(tmp_path):
     b = heldout_r2(x, y, fit_tokens=2000, chunk_rows=256)
     assert np.array_equal(a.fit.coef, b.fit.coef) and np.array_equal(a.r2.per_dim, b.r2.per_dim)
     assert a.fit.predict(xm).shape == (3000, 2)
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+def test_heldout_group_sums_equal_sklearn_per_group_and_pooled(intercept):
+    """The fit of heldout_group_sums is sklearn's on the fit rows; its per-group test sums give the held-out R² of
+    every group, of all test rows, and of any resampling of groups (checked on one weighted resample)."""
+    from darkmatter.regression import heldout_group_sums
+
+    rng = np.random.default_rng(3)
+    n, d, p = 3000, 6, 3
+    x = correlated(n, d, seed=3).astype(np.float32).astype(np.float64)  # float32 values, as stored
+    y = x @ rng.standard_normal((d, p)) + 0.5 * rng.standard_normal((n, p)) + 2.0
+    mask = split_mask(n, 1800, seed=1)
+    groups = rng.integers(0, 7, n)
+    lin, sums = heldout_group_sums(x.astype(np.float32), y, mask, groups, intercept=intercept, chunk_rows=700)
+    ref = LinearRegression(fit_intercept=intercept).fit(x[mask], y[mask])
+    np.testing.assert_allclose(lin.coef, ref.coef_.T, rtol=1e-9, atol=1e-9)
+    pred = ref.predict(x[~mask])
+    want = r2_score(y[~mask], pred, multioutput="raw_values")
+    np.testing.assert_allclose(sums.r2()[0].per_dim, want, rtol=1e-9)
+    g = groups[~mask]
+    w = np.array([[2, 0, 1, 3, 1, 0, 1]])  # a resample: group j counted w[j] times
+    rows = np.repeat(np.arange(len(g)), w[0][g])
+    yw, pw = y[~mask][rows], pred[rows]
+    np.testing.assert_allclose(sums.r2(weights=w)[0].per_dim, r2_score(yw, pw, multioutput="raw_values"),
+                               rtol=1e-9)

@@ -1,0 +1,243 @@
+"""Where does an SAE's error come from: how much of it do the reconstructions of SAEs on other hooks predict linearly?
+
+The targets are the SaeError, LinearError and NonlinearError of the primary hook's widest k = 32 SAE (b* from the
+stored decomposition). The predictors are the reconstructions of that SAE and of the widest k = 32 SAE on each other
+harvested hook (previous-layer residual, MLP output, attention output), alone and jointly, and, as ceilings, those
+hooks' raw activations. Held-out R² (fitted on the decomposition's fit rows, scored on the rest), mean over
+dimensions and pooled, with and without intercept, with intervals resampling documents.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file
+
+from darkmatter.analysis.context import AnalysisContext
+from darkmatter.analysis.contract import run_cli
+from darkmatter.analysis.figures import note_figure
+from darkmatter.analysis.stats import r2_interval
+from darkmatter.config import hook_layer
+from darkmatter.regression import Design, LazyRows, group_test_sums, stream_moments
+
+log = logging.getLogger(__name__)
+
+PAPER_CLAIM = ("Linear maps from earlier-layer SAE outputs predict part of the nonlinear error (a third-party reading: "
+               "up to about half of its variance), and reduce it more than a better encoder (gradient pursuit) does.")
+HEADLINE = ("r2_nonlinear_error_from_previous_layer_sae", "r2_nonlinear_error_from_other_hooks_saes",
+            "pursuit_fvu_nonlinear_reduction_pct", "previous_layer_beats_pursuit")
+TARGETS = ("sae_error", "linear_error", "nonlinear_error")
+K = 32  # the paper's k for the SAEs compared
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """One predictor set: its ``name``, ``kind`` (sae | raw) and the columns it stacks, as functions of a row slice."""
+
+    name: str
+    kind: str
+    parts: tuple[Callable[[slice], torch.Tensor], ...]
+    width: int
+
+    def rows(self, n: int) -> LazyRows:
+        return LazyRows(n, self.width, lambda sl: torch.cat([p(sl) for p in self.parts], dim=1))
+
+
+def role(hook: str, primary: str) -> str:
+    """A hook's place relative to the primary one, in the paper's words."""
+    if hook == primary:
+        return "same layer"
+    if hook.endswith("hook_resid_post") and hook_layer(hook) == hook_layer(primary) - 1:
+        return "previous-layer residual"
+    if hook.endswith("hook_mlp_out"):
+        return "MLP output" + ("" if hook_layer(hook) == hook_layer(primary) else f" (block {hook_layer(hook)})")
+    if hook.endswith("hook_attn_out"):
+        return "attention output" + ("" if hook_layer(hook) == hook_layer(primary) else f" (block {hook_layer(hook)})")
+    return hook
+
+
+def _widest(saes: pl.DataFrame, hook: str) -> dict | None:
+    """The widest SAE of a hook with k = 32 (else the widest), or None when the hook has none."""
+    on = saes.filter(pl.col("hook") == hook)
+    if on.is_empty():
+        return None
+    pool = on.filter(pl.col("k") == K) if (on["k"] == K).any() else on
+    return pool.sort(["width", "k", "sae_id"], descending=[True, False, False]).row(0, named=True)
+
+
+def _targets(ctx: AnalysisContext, base: dict, x: np.ndarray) -> LazyRows:
+    """[SaeError | LinearError | NonlinearError] of the base SAE, float32 [N, 3d], from its codes and b*."""
+    from darkmatter.errors.measure import LINEAR_MAP
+
+    codes = ctx.codes(base["hook"], base["sae_id"])
+    lin = load_file(str(ctx.paths.sae_errors(base["hook"], base["sae_id"]) / LINEAR_MAP))
+    coef, b0 = lin["coef"].float(), lin["intercept"].float()
+
+    def get(sl: slice) -> torch.Tensor:
+        xs = torch.from_numpy(np.array(x[sl], dtype=np.float32))
+        error = xs - codes.x_hat(sl)
+        linear = torch.addmm(b0, xs, coef)
+        return torch.cat([error, linear, error - linear], dim=1)
+
+    return LazyRows(x.shape[0], 3 * x.shape[1], get)
+
+
+def _predictors(ctx: AnalysisContext, saes: pl.DataFrame, base: dict) -> list[Predictor]:
+    """Each SAE's reconstruction alone, the other hooks' SAEs jointly, all SAEs jointly, each other hook's raw
+    activations and all of them jointly."""
+    store = ctx.eval_store()
+    others = [h for h in dict.fromkeys(saes["hook"]) if h != ctx.hook]
+    chosen = [base] + [s for s in (_widest(saes, h) for h in others) if s is not None]
+
+    def recon(s: dict) -> tuple[Callable[[slice], torch.Tensor], int]:
+        codes = ctx.codes(s["hook"], s["sae_id"])
+        return codes.x_hat, int(codes.W_dec.shape[1])
+
+    def raw(hook: str) -> tuple[Callable[[slice], torch.Tensor], int]:
+        a = store.activations(hook)
+        return (lambda sl: torch.from_numpy(np.array(a[sl], dtype=np.float32))), int(a.shape[1])
+
+    out = []
+
+    def add(name: str, kind: str, pieces: list[tuple[Callable, int]]) -> None:
+        out.append(Predictor(name, kind, tuple(p for p, _ in pieces), sum(w for _, w in pieces)))
+
+    for s in chosen:
+        add(f"{role(s['hook'], ctx.hook)} SAE", "sae", [recon(s)])
+    if len(chosen) > 2:
+        add("other hooks' SAEs jointly", "sae", [recon(s) for s in chosen[1:]])
+    if len(chosen) > 1:
+        add("all SAEs jointly", "sae", [recon(s) for s in chosen])
+    for h in others:
+        add(f"{role(h, ctx.hook)} activations (ceiling)", "raw", [raw(h)])
+    if len(others) > 1:
+        add("other hooks' activations jointly (ceiling)", "raw", [raw(h) for h in others])
+    return out
+
+
+def compute(ctx: AnalysisContext) -> pl.DataFrame:
+    """One row per predictor set × intercept × target: held-out R² (mean over dims and pooled) with intervals."""
+    saes = _all_saes(ctx)
+    base = _widest(saes, ctx.hook)
+    if base is None:
+        raise ValueError(f"no SAE on the primary hook {ctx.hook}; nothing to explain.")
+    store = ctx.eval_store()
+    x = store.activations(ctx.hook)
+    n, d = x.shape
+    y = _targets(ctx, base, x)
+    mask = ctx.fit_mask(ctx.hook)
+    contexts = store.index()["context"].to_numpy().astype(np.int64)
+    weights = ctx.resample_weights(np.unique(contexts))
+    conf = ctx.analysis.confidence
+    rows = []
+    for p in _predictors(ctx, saes, base):
+        xs = p.rows(n)
+        m = stream_moments(xs, y, mask, desc=p.name)
+        assert m.x is not None and m.y is not None
+        for intercept in (True, False):
+            lin = Design(m.x[0], m.x[1], intercept=intercept).solve(m.y[0])
+            sums = group_test_sums(xs, y, mask, contexts, lin)
+            for t, target in enumerate(TARGETS):
+                r2 = r2_interval(sums, slice(t * d, (t + 1) * d), weights, conf)
+                rows.append({"predictor": p.name, "kind": p.kind, "width": p.width, "intercept": intercept,
+                             "target": target, **{f"r2_{k}": v for k, v in r2.items()}})
+        log.info("%s: R² of NonlinearError %.3f (pooled, affine)", p.name,
+                 next(r["r2_pooled"] for r in rows if r["predictor"] == p.name and r["target"] == "nonlinear_error"))
+    return pl.DataFrame(rows).with_columns(
+        base_sae_id=pl.lit(base["sae_id"]), pursuit_fvu_nonlinear_reduction_pct=pl.lit(_pursuit_reduction(ctx, base)),
+        **{k: pl.lit(v) for k, v in ctx.resampling(np.unique(contexts)).items()})
+
+
+def _all_saes(ctx: AnalysisContext) -> pl.DataFrame:
+    with ctx.connect() as con:
+        return con.sql("SELECT * FROM saes ORDER BY hook, width, k, sae_id").pl()
+
+
+def _pursuit_reduction(ctx: AnalysisContext, base: dict) -> float:
+    """How much gradient pursuit lowers the base SAE's FVU_nonlinear, % of the encoder's (NaN if not pursued)."""
+    if not ctx.has_table("pursuit_saes"):
+        return math.nan
+    with ctx.connect() as con:
+        got = dict(con.execute("SELECT method, fvu_nonlinear FROM pursuit_saes WHERE sae_id = ?",
+                               [base["sae_id"]]).fetchall())
+    if {"encoder", "pursuit"} - set(got):
+        return math.nan
+    return 100 * (1 - got["pursuit"] / got["encoder"])
+
+
+def _pick(table: pl.DataFrame, predictor: str, target: str, intercept: bool = True) -> dict | None:
+    rows = table.filter((pl.col("predictor") == predictor) & (pl.col("target") == target)
+                        & (pl.col("intercept") == intercept))
+    return rows.row(0, named=True) if rows.height else None
+
+
+def summarize(table: pl.DataFrame) -> dict[str, float | str]:
+    """R² of each target from the previous-layer SAE and from the other hooks' SAEs jointly (with intervals), the
+    best ceiling, and whether the previous layer's SAE removes more nonlinear error than gradient pursuit."""
+    out: dict[str, float | str] = {"base_sae_id": table["base_sae_id"][0]}
+    for key, predictor in (("previous_layer_sae", "previous-layer residual SAE"),
+                           ("other_hooks_saes", "other hooks' SAEs jointly"), ("all_saes", "all SAEs jointly"),
+                           ("same_layer_sae", "same layer SAE"),
+                           ("other_hooks_activations", "other hooks' activations jointly (ceiling)")):
+        for target in TARGETS:
+            r = _pick(table, predictor, target)
+            if r is not None:
+                out[f"r2_{target}_from_{key}"] = r["r2_pooled"]
+                out[f"r2_{target}_from_{key}_ci_low"] = r["r2_pooled_low"]
+                out[f"r2_{target}_from_{key}_ci_high"] = r["r2_pooled_high"]
+    pursuit = float(table["pursuit_fvu_nonlinear_reduction_pct"][0])
+    out["pursuit_fvu_nonlinear_reduction_pct"] = pursuit
+    prev = _pick(table, "previous-layer residual SAE", "nonlinear_error")
+    if prev is not None and math.isfinite(pursuit):
+        low, high = 100 * prev["r2_pooled_low"], 100 * prev["r2_pooled_high"]
+        out["previous_layer_beats_pursuit"] = "yes" if low > pursuit else ("no" if high < pursuit else "undetermined")
+    for k in ("resampling_unit", "n_documents", "n_contexts", "bootstrap"):
+        out[k] = table[k][0]
+    return out
+
+
+def plot(table: pl.DataFrame) -> dict[str, object]:
+    """Grouped bars: held-out R² (pooled, affine) of each target from each predictor set, intervals as whiskers."""
+    from darkmatter.analysis.figures import PALETTE, new_figure
+
+    affine = table.filter(pl.col("intercept"))
+    if affine.is_empty():
+        return {"r2": note_figure("Error sources", "no predictors")}
+    predictors = affine["predictor"].unique(maintain_order=True).to_list()
+    fig, ax = new_figure(figsize=(max(6.4, 1.1 * len(predictors)), 4.4))
+    colours = {"sae_error": PALETTE["total"], "linear_error": PALETTE["linear error"],
+               "nonlinear_error": PALETTE["nonlinear error"]}
+    width = 0.8 / len(TARGETS)
+    for t, target in enumerate(TARGETS):
+        part = affine.filter(pl.col("target") == target)
+        y = np.array([part.filter(pl.col("predictor") == p)["r2_pooled"][0] for p in predictors])
+        lo = np.array([part.filter(pl.col("predictor") == p)["r2_pooled_low"][0] for p in predictors])
+        hi = np.array([part.filter(pl.col("predictor") == p)["r2_pooled_high"][0] for p in predictors])
+        pos = np.arange(len(predictors)) + (t - 1) * width
+        ax.bar(pos, y, width, color=colours[target], label=target.replace("_", " "),
+               yerr=np.clip(np.nan_to_num([y - lo, hi - y]), 0, None), capsize=2)  # a percentile
+        # interval need not contain the point estimate: whiskers stop at the bar there
+    pursuit = float(table["pursuit_fvu_nonlinear_reduction_pct"][0])
+    if math.isfinite(pursuit):
+        ax.axhline(pursuit / 100, color=PALETTE["pursuit"], ls="--", lw=1,
+                   label="gradient pursuit: FVU_nonlinear reduction")
+    ax.set_xticks(np.arange(len(predictors)), predictors, rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="held-out R² (pooled, affine)", title=f"Predicting {table['base_sae_id'][0]}'s error")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.legend(fontsize=7)
+    return {"r2": fig}
+
+
+def main() -> None:
+    run_cli(sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    main()
