@@ -43,9 +43,10 @@ SEPARATION = 0.1  # "a wide margin": top-decile AUROC medians of SAE latents and
 COMPONENT_LABELS = {"sae_error": "SaeError SAE (control)", "linear_error": "LinearError SAE",
                     "nonlinear_error": "NonlinearError SAE"}
 EXAMPLE_WINDOWS, EXAMPLE_TOKENS = 3, 12  # top contexts per example latent, tokens per context
-SCHEMA = {"kind": pl.Utf8, "sae": pl.Utf8, "sae_id": pl.Utf8, "latent": pl.Int64, "decile": pl.Int64,
-          "value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "n": pl.Int64, "density": pl.Float64,
-          "entropy_bits": pl.Float64, "text": pl.Utf8}
+# the report shows a table's first 10 columns and 15 rows: FVU rows, then the example latents with their contexts
+SCHEMA = {"kind": pl.Utf8, "sae": pl.Utf8, "latent": pl.Int64, "decile": pl.Int64, "value": pl.Float64,
+          "ci_low": pl.Float64, "ci_high": pl.Float64, "n": pl.Int64, "text": pl.Utf8, "sae_id": pl.Utf8,
+          "density": pl.Float64, "entropy_bits": pl.Float64}
 
 
 @dataclass(frozen=True)

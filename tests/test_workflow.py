@@ -40,6 +40,13 @@ def test_lint_is_clean():
     assert "Congratulations" in res.stdout + res.stderr
 
 
+def test_unlock_works_as_typed(tmp_path):
+    """After a kill Snakemake recommends `snakemake --unlock`: it must work without --cores."""
+    (tmp_path / "config").symlink_to(REPO / "config")
+    res = _run([*SNAKEMAKE, "--unlock", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path)])
+    assert res.returncode == 0 and "Unlocked working directory" in res.stdout + res.stderr, res.stderr
+
+
 def test_typo_in_config_fails_at_load(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nharvest: {min_poss: 3}\n")

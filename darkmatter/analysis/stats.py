@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from darkmatter.regression import Design, GroupSums, GroupSumsAccumulator, stream_moments
+from darkmatter.regression import GroupSums, GroupSumsAccumulator, heldout_group_sums
 
 RESAMPLING_UNIT = "document"  # what every interval resamples (named in the analyses' summaries)
 
@@ -81,15 +81,10 @@ def test_sums_on_fit_flag(features: np.ndarray, y: np.ndarray, fit: np.ndarray, 
         raise ValueError(f"the fit flag marks {int(fit.sum())} of {fit.size} rows; both splits must be non-empty.")
     varying = np.ptp(x[fit], axis=0) > 0
     if varying.any():
-        m = stream_moments(x[:, varying], y, fit)
-        assert m.x is not None and m.y is not None
-        design = Design(m.x[0], m.x[1], intercept=True)
-        predicted = design.solve(m.y[0]).predict(x[~fit][:, varying])[:, 0]
-    else:
-        predicted = np.full((~fit).sum(), y[fit].mean())
+        return heldout_group_sums(x[:, varying], y, fit, groups)[1]
     test = np.asarray(groups)[~fit]
     acc = GroupSumsAccumulator(test)
-    acc.add(test, torch.from_numpy(y[~fit, None]), torch.from_numpy((y[~fit] - predicted)[:, None]))
+    acc.add(test, torch.from_numpy(y[~fit, None]), torch.from_numpy((y[~fit] - y[fit].mean())[:, None]))
     return acc.result()
 
 

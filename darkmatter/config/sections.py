@@ -240,7 +240,7 @@ class ErrorComponentSaesOptions:
     min_fires: int = 20
     top: int = 50
     explanation_size: int = 10
-    examples: int = 3
+    examples: int = 2
     judge: JudgeOptions = field(default_factory=JudgeOptions)
 
 

@@ -177,6 +177,15 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
         for w in fam.widths:
             for k in fam.ks:
                 _require(k <= w, where, f"{p}.ks", f"values <= every width (k={k} > width {w})", fam.ks)
+    from darkmatter.sae.families import expand_families
+
+    hooks_of: dict[str, set[str]] = {}
+    for m in expand_families(cfg.families, cfg.primary_hook):
+        hooks_of.setdefault(m.sae_id, set()).add(m.hook)
+    shared = {sid: sorted(hooks) for sid, hooks in hooks_of.items() if len(hooks) > 1}
+    # the store, the reports and the analyses name an SAE by its sae_id alone
+    _require(not shared, where, "families", "SAEs on different hooks to differ in width, k or seed (an sae_id "
+             "names one SAE)", shared)
     return cfg
 
 

@@ -4,6 +4,8 @@
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 from darkmatter.config import step_params
 from darkmatter.paths import ExperimentPaths
 from darkmatter.sae.families import error_sae_base, expand_families, widest
@@ -12,6 +14,10 @@ P = ExperimentPaths.of(EXP.name)
 # the environment's interpreter by one stable name (`snakemake` runs as python3, `python -m snakemake` as python):
 # it is a parameter of every rule, and must not differ between two ways of starting the same workflow
 PY = str(Path(sys.prefix) / "bin" / "python3")
+try:  # the threads of every heavy rule; commands that run no job (--unlock, --lint, -n without --cores) set none
+    CORES = workflow.cores
+except WorkflowError:
+    CORES = 1
 MEMBERS = expand_families(EXP.families, EXP.primary_hook)  # unique SAEs to train, in config order
 HOOKS = list(dict.fromkeys(m.hook for m in MEMBERS))  # hooks that have SAEs
 

@@ -41,7 +41,7 @@ rule harvest:
     params:
         py=PY,
         harvest=lambda wildcards: step_params(EXP, f"harvest-{wildcards.split}"),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:

@@ -15,7 +15,7 @@ rule measure_ce:
         ce=step_params(EXP, "measure-ce"),
         hook=EXP.primary_hook,
         tokens=str(P.tokens("eval")),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:

@@ -16,7 +16,7 @@ rule train_error_saes:
     params:
         py=PY,
         training=step_params(EXP, "train-error-saes"),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:

@@ -12,7 +12,7 @@ rule measure_errors:
     params:
         py=PY,
         decomposition=step_params(EXP, "measure-errors"),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:

@@ -12,7 +12,7 @@ rule pursue:
     params:
         py=PY,
         pursuit=step_params(EXP, "pursue"),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -34,7 +34,7 @@ rule measure_pursuit:
     params:
         py=PY,
         decomposition=step_params(EXP, "measure-pursuit"),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -58,7 +58,7 @@ rule measure_pursuit_ce:
         ce=step_params(EXP, "measure-pursuit-ce"),
         hook=EXP.primary_hook,
         tokens=str(P.tokens("eval")),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:

@@ -12,7 +12,7 @@ rule train_sae:
     params:
         py=PY,
         training=step_params(EXP, "train-sae"),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -32,7 +32,7 @@ rule encode_sae:
     params:
         py=PY,
         encode=step_params(EXP, "encode-sae"),
-    threads: workflow.cores
+    threads: CORES
     conda:
         "../envs/darkmatter.yaml"
     log:
