@@ -75,7 +75,7 @@ def test_smoke_workflow_end_to_end(tmp_path):
     cfg = load_config(REPO / "config" / "smoke.yaml")
     for split in ("train", "eval"):
         meta = json.loads((results / "activations" / split / "meta.json").read_text())
-        assert meta["hooks"] == ["blocks.1.hook_resid_post"]
+        assert meta["hooks"] == list(cfg.harvest.hooks)
         assert (results / "activations" / split / "provenance.json").is_file()
     members = expand_families(cfg.families, cfg.primary_hook)
     n_saes, primary = len(members), [m for m in members if m.hook == cfg.primary_hook]
