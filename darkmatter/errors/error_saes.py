@@ -41,8 +41,7 @@ from darkmatter.config import SaeTrainingConfig
 from darkmatter.io import atomic_dir, write_json
 from darkmatter.provenance import write_provenance
 from darkmatter.regression import LazyRows
-from darkmatter.sae.batches import ShuffledBatches, derived_seed
-from darkmatter.sae.codes import SparseCodes, encode, save_codes
+from darkmatter.sae.codes import save_codes, sparse_codes
 from darkmatter.sae.families import SaeSpec
 from darkmatter.sae.model import Sae
 from darkmatter.sae.train import Trainer, TrainResult, write_trained
@@ -72,9 +71,7 @@ class ErrorComponents:
     def __call__(self, x: Tensor) -> dict[str, Tensor]:
         """Each component [N, d] (float32) of activations x [N, d]; they sum to x − Sae(x) exactly as defined."""
         x = x.float()
-        idx, val = encode(self.sae, x, chunk_tokens=len(x))
-        codes = SparseCodes(idx, val, self.sae.W_dec.detach(), self.sae.b_dec.detach())
-        error = x - codes.x_hat(slice(None))
+        error = x - sparse_codes(self.sae, x, chunk_tokens=len(x)).x_hat(slice(None))
         linear = torch.addmm(self.intercept, x, self.coef)
         return {"sae_error": error, "linear_error": linear, "nonlinear_error": error - linear}
 
@@ -105,7 +102,7 @@ def train_jointly(trainers: Sequence[Trainer], x: np.ndarray, targets: Callable[
         t.load_checkpoint()
     start = min(t.step for t in trainers)
     cfg = first.cfg
-    stream = ShuffledBatches(x, cfg.batch_size, cfg.buffer_tokens, derived_seed(first.spec.seed, 1))
+    stream = first.batches(x)
     bar = tqdm(total=first.n_steps * cfg.batch_size, initial=start * cfg.batch_size, unit="tok", unit_scale=True,
                desc=f"{len(trainers)} error SAEs", disable=not progress)
     started = time.time()
@@ -125,8 +122,8 @@ def train_jointly(trainers: Sequence[Trainer], x: np.ndarray, targets: Callable[
 @torch.inference_mode()
 def evaluate(saes: dict[str, Sae], x: np.ndarray, contexts: np.ndarray, components: ErrorComponents,
              progress: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
-    """Each SAE on its own component of every eval row: its codes (indices, values), and per eval context the
-    sums of FVU about the target's mean (``context_sums`` keys <component>.{n, sse, target_sq, target_sum})."""
+    """Each SAE on its own component of every eval row: its codes (indices, values), and per eval context the sums
+    behind FVU about the target's mean (keys ``contexts``, ``n`` and <component>.{sse, target_sq, target_sum})."""
     n, d = x.shape
     groups, inverse = np.unique(contexts, return_inverse=True)
     codes = {name: (np.empty((n, sae.k), np.int32), np.empty((n, sae.k), np.float32)) for name, sae in saes.items()}
@@ -140,9 +137,9 @@ def evaluate(saes: dict[str, Sae], x: np.ndarray, contexts: np.ndarray, componen
         ys = components(torch.from_numpy(np.asarray(x[sl], dtype=np.float32)))
         for name, sae in saes.items():
             y = ys[name]
-            idx, val = encode(sae, y, chunk_tokens=len(y))
-            codes[name][0][sl], codes[name][1][sl] = idx, val
-            y_hat = SparseCodes(idx, val, sae.W_dec.detach(), sae.b_dec.detach()).x_hat(slice(None))
+            own = sparse_codes(sae, y, chunk_tokens=len(y))
+            codes[name][0][sl], codes[name][1][sl] = own.top_indices, own.top_values
+            y_hat = own.x_hat(slice(None))
             sums[f"{name}.sse"].index_add_(0, g, (y - y_hat).double().square().sum(1))
             sums[f"{name}.target_sq"].index_add_(0, g, y.double().square().sum(1))
             sums[f"{name}.target_sum"].index_add_(0, g, y.double())

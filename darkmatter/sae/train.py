@@ -241,9 +241,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def batches(self) -> ShuffledBatches:
-        """This run's data order: a pure function of the member's seed (darkmatter.sae.batches)."""
-        return ShuffledBatches(self.data, self.cfg.batch_size, self.cfg.buffer_tokens, derived_seed(self.spec.seed, 1))
+    def batches(self, data: np.ndarray | None = None) -> ShuffledBatches:
+        """This run's data order over its rows (or over ``data``, which has as many): a pure function of the
+        member's seed (darkmatter.sae.batches)."""
+        return ShuffledBatches(self.data if data is None else data, self.cfg.batch_size, self.cfg.buffer_tokens,
+                               derived_seed(self.spec.seed, 1))
 
     def advance(self, x: Tensor) -> StepOutput:
         """One training step on batch ``x``, checkpointing every ``checkpoint_every`` steps (not at the last)."""
