@@ -38,7 +38,7 @@ PAPER_CLAIM = ("The SAE trained on NonlinearError is worse than the one trained 
                "against 0.54 in a third-party reading), and its latents are less interpretable under LLM "
                "detection scoring.")
 HEADLINE = ("fvu_nonlinear_error_sae", "fvu_linear_error_sae", "fvu_difference_nonlinear_minus_linear",
-            "proxy_separates", "auroc_top_decile_median_nonlinear_error", "auroc_top_decile_median_linear_error")
+            "proxy_separates", "proxy_auroc_top_decile_median_nonlinear_error", "proxy_auroc_top_decile_median_linear_error")
 SEPARATION = 0.1  # "a wide margin": top-decile AUROC medians of SAE latents and random directions this far apart
 COMPONENT_LABELS = {"sae_error": "SaeError SAE (control)", "linear_error": "LinearError SAE",
                     "nonlinear_error": "NonlinearError SAE"}
@@ -244,9 +244,9 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     for name, values in top.items():
         slug = key.get(name, "random_direction" if name == "random directions" else "base")
         low, high = _median_ci(values, seed=0)
-        out |= {f"auroc_top_decile_median_{slug}": float(np.median(values)) if len(values) else math.nan,
-                f"auroc_top_decile_median_{slug}_ci_low": low, f"auroc_top_decile_median_{slug}_ci_high": high}
-    sep = out["auroc_top_decile_median_base"] - out["auroc_top_decile_median_random_direction"]
+        out |= {f"proxy_auroc_top_decile_median_{slug}": float(np.median(values)) if len(values) else math.nan,
+                f"proxy_auroc_top_decile_median_{slug}_ci_low": low, f"proxy_auroc_top_decile_median_{slug}_ci_high": high}
+    sep = out["proxy_auroc_top_decile_median_base"] - out["proxy_auroc_top_decile_median_random_direction"]
     p = float(stats.mannwhitneyu(top[base], top["random directions"], alternative="greater").pvalue) \
         if min(len(top[base]), len(top["random directions"])) else math.nan
     out |= {"proxy_separation_top_decile": sep, "proxy_separation_mann_whitney_p": p,
@@ -254,8 +254,8 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
             "n_latents_per_sae": int(len(top[base])), "split_unit": table["split_unit"][0]}
     if "LinearError SAE" in top and "NonlinearError SAE" in top:
         lin, nl = top["LinearError SAE"], top["NonlinearError SAE"]
-        out |= {"auroc_top_decile_nonlinear_minus_linear": float(np.median(nl) - np.median(lin)),
-                "auroc_top_decile_nonlinear_vs_linear_mann_whitney_p":
+        out |= {"proxy_auroc_top_decile_nonlinear_minus_linear": float(np.median(nl) - np.median(lin)),
+                "proxy_auroc_top_decile_nonlinear_vs_linear_mann_whitney_p":
                     float(stats.mannwhitneyu(nl, lin, alternative="two-sided").pvalue)}
     judged = table.filter(pl.col("kind") == "judge")
     for name in judged["sae"].unique(maintain_order=True):

@@ -63,7 +63,7 @@ def test_proxy_scores_every_sae_and_the_random_control_per_decile(exp, tmp_path)
     assert examples.group_by("sae").len()["len"].to_list() == [2] * 5
     assert examples["text"].str.contains("<<t").all()  # the byte tokenizer's tokens, firing ones highlighted
     # token ids are drawn independently of the planted features: nothing for the proxy to find, and it says so
-    assert abs(s["auroc_top_decile_median_base"] - 0.5) < 0.15 and s["proxy_separates"] == "no"
+    assert abs(s["proxy_auroc_top_decile_median_base"] - 0.5) < 0.15 and s["proxy_separates"] == "no"
     assert not table.filter(pl.col("kind") == "judge").height  # no endpoint: no judge
 
 
