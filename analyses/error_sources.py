@@ -195,9 +195,15 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     pursuit = float(table["pursuit_fvu_nonlinear_reduction_pct"][0])
     out["pursuit_fvu_nonlinear_reduction_pct"] = pursuit
     prev = _pick(table, "previous-layer residual SAE", "nonlinear_error")
-    if prev is not None and math.isfinite(pursuit):
+    if prev is None or not math.isfinite(pursuit):
+        out["previous_layer_beats_pursuit"] = "not measured"
+    else:
         low, high = 100 * prev["r2_pooled_low"], 100 * prev["r2_pooled_high"]
         out["previous_layer_beats_pursuit"] = "yes" if low > pursuit else ("no" if high < pursuit else "undetermined")
+    for key in HEADLINE:  # an experiment without those hooks (or without pursuit) says so instead of omitting them
+        out.setdefault(key, math.nan)
+    if prev is None:
+        out["note"] = "no SAE on the previous layer's residual stream: harvest it and give it a family"
     for k in ("resampling_unit", "n_documents", "n_contexts", "bootstrap"):
         out[k] = table[k][0]
     return out
