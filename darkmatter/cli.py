@@ -132,6 +132,20 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
                     params=params | {"sae_id": args.sae_id, "hook": args.hook})
 
 
+def cmd_import_sae(args: argparse.Namespace) -> None:
+    from darkmatter.config import ConfigError
+    from darkmatter.data.activations import ActivationStore
+    from darkmatter.sae.families import parse_sae_id
+    from darkmatter.sae.sources import import_sae
+
+    try:
+        spec = parse_sae_id(args.sae_id)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    import_sae(args.source, Path(args.out), args.hook, ActivationStore(args.activations).d_model(args.hook),
+               (spec.architecture, spec.d_sae, spec.k), params={"source": args.source, "sae_id": args.sae_id})
+
+
 def cmd_encode_sae(args: argparse.Namespace) -> None:
     from darkmatter.data.activations import ActivationStore
     from darkmatter.sae.codes import encode_to_folder
@@ -286,6 +300,10 @@ def parser() -> argparse.ArgumentParser:
             ("--activations", "the train activation folder"), ("--model", "model.json (for the SAE's model_name)"),
             ("--hook", "the hook"), ("--sae-id", "e.g. topk-w8192-k32-s0 (darkmatter.sae.families)"),
             ("--out", "the SAE folder to write (SAELens layout + train log)"))
+    command("import-sae", "import one SAE trained elsewhere (a family's source) into the experiment",
+            ("--source", "an SAE folder or file in any supported format, or sae_lens:<release>:<id>"),
+            ("--activations", "the eval activation folder (the hook's d_model)"), ("--hook", "the hook"),
+            ("--sae-id", "its sae_id (darkmatter.sae.sources describes it)"), ("--out", "the SAE folder to write"))
     command("encode-sae", "each eval token's active latents under one SAE (its sparse codes)", params,
             ("--sae", "an SAE folder in any supported format"), ("--activations", "the eval activation folder"),
             ("--hook", "the hook"), ("--out", "the codes folder to write"))

@@ -6,11 +6,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from darkmatter.config import load_config
 from darkmatter.sae.families import expand_families, widest
+from darkmatter.sae.model import Sae, default_cfg, save_sae
 from darkmatter.store.build import connect
 from tests.helpers import REPO
 
@@ -65,14 +68,41 @@ def test_cli_bad_model_path_is_one_line_and_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
+def write_pretrained(root) -> dict[str, tuple[str, int, int]]:
+    """SAEs 'trained elsewhere' for the smoke model's primary hook (d_model 64), one in each format the workflow
+    imports, tied random weights (a reconstruction better than nothing); {format: (architecture, width, k)}."""
+    from tests.sae.foreign import random_weights, write_gemma_scope, write_saelens, write_sparsify
+
+    def tied(d_sae, seed):
+        w = random_weights(64, d_sae, seed)
+        w["W_dec"] = np.ascontiguousarray(w["W_enc"].T / np.linalg.norm(w["W_enc"], axis=0)[:, None])
+        w["b_dec"][:] = 0
+        return w
+
+    save_sae(Sae.from_tensors(default_cfg("topk", 64, 192, k=8), {
+        n: torch.from_numpy(v) for n, v in tied(192, 1).items() if n != "threshold"}), root / "ours")
+    write_saelens(root / "saelens_l0_12", {"architecture": "jumprelu", "d_in": 64, "d_sae": 160, "dtype": "float32",
+                                           "apply_b_dec_to_input": True, "normalize_activations": "none",
+                                           "metadata": {"sae_lens_version": "6.18.0"}}, tied(160, 2))
+    write_sparsify(root / "sparsify" / "layers.1", tied(224, 3), k=8)
+    write_gemma_scope(root / "gemma" / "average_l0_10", tied(96, 4))
+    return {"ours": ("topk", 192, 8), "saelens": ("jumprelu", 160, 12), "sparsify": ("topk", 224, 8),
+            "gemma_scope": ("jumprelu", 96, 10)}
+
+
 @pytest.mark.slow
 def test_smoke_workflow_end_to_end(tmp_path):
+    """The smoke experiment plus a family of SAEs trained elsewhere (one per format), to the report."""
+    imported = write_pretrained(tmp_path / "pretrained")
+    smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    smoke["families"].append({"name": "pretrained", "source": [str(tmp_path / "pretrained")]})
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(smoke))
     args = [*SNAKEMAKE, "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-            "--configfile", str(REPO / "config" / "smoke.yaml")]
+            "--configfile", str(tmp_path / "smoke.yaml")]
     res = _run(args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     results = tmp_path / "results" / "smoke"
-    cfg = load_config(REPO / "config" / "smoke.yaml")
+    cfg = load_config(tmp_path / "smoke.yaml")
     for split in ("train", "eval"):
         meta = json.loads((results / "activations" / split / "meta.json").read_text())
         assert meta["hooks"] == list(cfg.harvest.hooks)
@@ -86,7 +116,11 @@ def test_smoke_workflow_end_to_end(tmp_path):
         assert n_tokens == cfg.harvest.eval_contexts * (cfg.harvest.context_size - cfg.harvest.min_pos)
         assert con.execute("SELECT count(*) FROM token_errors").fetchone()[0] == n_tokens * n_saes
         fvu = dict(con.execute("SELECT sae_id, fvu FROM saes").fetchall())
-        assert len(fvu) == n_saes and all(0 < v < 1 for v in fvu.values())
+        assert len(fvu) == n_saes and all(0 < fvu[m.sae_id] < 1 for m in members if not m.source)
+        pretrained = con.execute("SELECT architecture, width, k, fvu FROM saes WHERE families = 'pretrained' "
+                                 "ORDER BY width").fetchall()
+        assert [r[:3] for r in pretrained] == sorted(imported.values(), key=lambda r: r[1])
+        assert all(np.isfinite(r[3]) and r[3] > 0 for r in pretrained)
         assert con.execute("SELECT count(DISTINCT sae_id) FROM token_ce WHERE sae_id <> ''").fetchone()[0] == len(primary)
         pursued = cfg.pursuit.contexts * (cfg.harvest.context_size - cfg.harvest.min_pos)
         assert con.execute("SELECT count(*) FROM pursuit_errors").fetchone()[0] == 2 * n_saes * pursued
@@ -109,7 +143,6 @@ def test_smoke_workflow_end_to_end(tmp_path):
     again = _run([*args, "-n"])
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     # Editing a key reruns exactly the steps that read it, and what depends on their outputs.
-    smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
     analysis_edit = smoke | {"analysis": smoke["analysis"] | {"synthetic_validation": {"tokens": 500}}}
     assert planned_jobs(args, analysis_edit, tmp_path) == {"run_analysis": 1, "render_report": 1, "all": 1}
     fit_edit = smoke | {"decomposition": smoke["decomposition"] | {"fit_tokens": 1200}}

@@ -10,13 +10,17 @@ from darkmatter.analysis.context import AnalysisContext
 
 
 def family_name(ctx: AnalysisContext, sweep: Literal["width", "k"]) -> str:
-    """Name of the family that sweeps ``sweep`` (width: several widths; k: several ks).
+    """Name of the family that sweeps ``sweep`` (width: several widths; k: several ks) on the primary hook.
 
-    The first such family in config order; with none, the default names ``"width"`` / ``"k"``.
+    The first such family in config order, judged by its SAEs in the store (an imported family's widths and ks
+    are read from its files, not its config); with none, the default names ``"width"`` / ``"k"``.
     """
-    key = "widths" if sweep == "width" else "ks"
+    column = "width" if sweep == "width" else "k"
+    with ctx.connect() as con:
+        rows = con.execute("SELECT families, width, k FROM saes WHERE hook = ?", [ctx.hook]).fetchall()
     for fam in ctx.families:
-        if len(fam.get(key) or ()) > 1:
+        values = {r[1 if column == "width" else 2] for r in rows if fam["name"] in (r[0] or "").split(",")}
+        if len(values) > 1:
             return str(fam["name"])
     return sweep
 

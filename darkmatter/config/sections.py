@@ -120,7 +120,10 @@ class SaeFamilyConfig:
     widths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
     ks: tuple[int, ...] = (32,)
     seeds: tuple[int, ...] = (0,)
-    source: str | None = None  # a folder of SAEs trained elsewhere (SAELens, sparsify, Gemma Scope npz)
+    # SAEs trained elsewhere, imported instead of trained (darkmatter.sae.sources): paths (an SAE folder or file in
+    # the darkmatter/SAELens, sparsify or Gemma Scope format, or a folder of several) or sae_lens:<release>:<id>;
+    # sae_ids are read from the files (sae_lens sources: one of widths and ks each, in order)
+    source: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

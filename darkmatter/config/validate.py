@@ -171,16 +171,21 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
         _require(len(fam.ks) > 0 and all(k >= 1 for k in fam.ks), where, f"{p}.ks",
                  "a non-empty list of integers >= 1", fam.ks)
         # TopK selection is not invariant to per-latent decoder norms, so they cannot be folded at save time
-        _require(t.normalize_decoder or not ARCHITECTURES[fam.architecture].selects_top_k or fam.source is not None,
+        _require(t.normalize_decoder or not ARCHITECTURES[fam.architecture].selects_top_k or bool(fam.source),
                  where, "training.normalize_decoder", f"true while family {fam.name!r} is {fam.architecture}",
                  t.normalize_decoder)
         for w in fam.widths:
             for k in fam.ks:
                 _require(k <= w, where, f"{p}.ks", f"values <= every width (k={k} > width {w})", fam.ks)
     from darkmatter.sae.families import expand_families
+    from darkmatter.sae.formats import SaeFormatError
 
+    try:  # imported SAEs are described from their files here, so a bad source fails at load
+        members = expand_families(cfg.families, cfg.primary_hook)
+    except (SaeFormatError, ValueError) as e:
+        raise ConfigError(f"{where}: families: {e}") from None
     hooks_of: dict[str, set[str]] = {}
-    for m in expand_families(cfg.families, cfg.primary_hook):
+    for m in members:
         hooks_of.setdefault(m.sae_id, set()).add(m.hook)
     shared = {sid: sorted(hooks) for sid, hooks in hooks_of.items() if len(hooks) > 1}
     # the store, the reports and the analyses name an SAE by its sae_id alone

@@ -4,9 +4,10 @@ An sae_id names one trained SAE on one hook: ``{architecture}-w{d_sae}-k{k}-s{se
 ``k`` is the sparsity target: exact L0 for ``topk``, mean L0 for ``batchtopk``, the target of the L0 loss for
 ``jumprelu`` and of the L1 coefficient controller for ``relu`` (see darkmatter.sae.objectives).
 
-An experiment's ``families`` are grids (architecture × widths × ks × seeds) on a hook; :func:`expand_families`
-turns them into unique members, so an SAE that belongs to two families (the 4096-wide k=32 TopK SAE sits in both
-the width and the k family of the default experiment) is trained once.
+An experiment's ``families`` are grids (architecture × widths × ks × seeds) on a hook, or SAEs trained elsewhere
+(a ``source``: darkmatter.sae.sources, imported instead of trained, with sae_ids read from their files);
+:func:`expand_families` turns them into unique members, so an SAE that belongs to two families (the 4096-wide
+k=32 TopK SAE sits in both the width and the k family of the default experiment) is trained once.
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ def parse_sae_id(text: str) -> SaeSpec:
 
 @dataclass(frozen=True)
 class SaeMember:
-    """One SAE to train: its spec, the hook it reads and the families that contain it."""
+    """One SAE of the experiment: its spec, the hook it reads, the families that contain it, and where it comes
+    from when it is imported rather than trained (a path or ``sae_lens:<release>:<id>``)."""
 
     hook: str
     spec: SaeSpec
     families: tuple[str, ...]
+    source: str | None = None
 
     @property
     def sae_id(self) -> str:
@@ -70,23 +73,40 @@ class SaeMember:
 
 
 def expand_families(families: Sequence[SaeFamilyConfig], primary_hook: str) -> list[SaeMember]:
-    """Unique members of every family that is trained here (families with a ``source`` are loaded, not trained);
-    a family without a hook is on ``primary_hook``.
+    """Unique members of every family (trained grids and imported ``source`` SAEs); a family without a hook is on
+    ``primary_hook``. An imported SAE whose sae_id equals another member's on its hook is refused (ValueError):
+    one sae_id names one SAE.
 
-    Order: first appearance in the config (families in order, then widths × ks × seeds), so runs are stable.
+    Order: first appearance in the config (families in order, then widths × ks × seeds, or sources in order), so
+    runs are stable.
     """
     members: dict[tuple[str, SaeSpec], list[str]] = {}
+    sources: dict[tuple[str, SaeSpec], str] = {}
     for fam in families:
-        if fam.source is not None:
-            continue
         hook = fam.hook or primary_hook
+        if fam.source:
+            from darkmatter.sae.sources import source_members  # reads the SAEs' headers
+
+            for arch, d_sae, k, source in source_members(fam.source, fam.architecture, fam.widths, fam.ks):
+                key = (hook, SaeSpec(arch, d_sae, k, 0))
+                parse_sae_id(key[1].sae_id)  # validates
+                if key in members and sources.get(key) != source:
+                    raise ValueError(f"{source} would be {key[1].sae_id} on {hook}, which names another SAE of the "
+                                     "experiment already; an sae_id names one SAE.")
+                sources[key] = source
+                members.setdefault(key, []).append(fam.name)
+            continue
         for width in fam.widths:
             for k in fam.ks:
                 for seed in fam.seeds:
-                    names = members.setdefault((hook, SaeSpec(fam.architecture, width, k, seed)), [])
+                    key = (hook, SaeSpec(fam.architecture, width, k, seed))
+                    if key in sources:
+                        raise ValueError(f"{sources[key]} is {key[1].sae_id} on {hook}, which family {fam.name!r} "
+                                         "also trains; an sae_id names one SAE.")
+                    names = members.setdefault(key, [])
                     if fam.name not in names:
                         names.append(fam.name)
-    return [SaeMember(hook, spec, tuple(names)) for (hook, spec), names in members.items()]
+    return [SaeMember(hook, spec, tuple(names), sources.get((hook, spec))) for (hook, spec), names in members.items()]
 
 
 def widest(members: Sequence[SaeMember]) -> SaeMember:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 
 from darkmatter.sae.formats import (
     SaeFormatError,
@@ -20,20 +19,15 @@ from darkmatter.sae.formats import (
     load_saelens_pretrained,
 )
 from darkmatter.sae.model import Sae, default_cfg, save_sae
+from tests.sae import foreign
+from tests.sae.foreign import write_saelens
 
 D_IN, D_SAE, K = 6, 20, 4
 U32 = np.finfo(np.float32).eps / 2  # unit roundoff of float32
 
 
 def make_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "W_enc": rng.normal(size=(D_IN, D_SAE)).astype(np.float32),
-        "b_enc": (0.1 * rng.normal(size=D_SAE)).astype(np.float32),
-        "W_dec": rng.normal(size=(D_SAE, D_IN)).astype(np.float32),  # rows deliberately not unit norm
-        "b_dec": rng.normal(size=D_IN).astype(np.float32),
-        "threshold": rng.uniform(0.2, 1.0, size=D_SAE).astype(np.float32),
-    }
+    return foreign.random_weights(D_IN, D_SAE, seed)
 
 
 def inputs(n: int = 64, seed: int = 1) -> np.ndarray:
@@ -65,13 +59,6 @@ def check(sae, x: np.ndarray, f_ref: np.ndarray, x_hat_ref: np.ndarray) -> None:
     assert (np.abs(f - f_ref) <= bound_f).all(), np.abs(f - f_ref).max()
     assert (np.abs(x_hat - x_hat_ref) <= bound_x_hat).all(), (np.abs(x_hat - x_hat_ref) / bound_x_hat).max()
     assert (f != 0).sum(1).tolist() == (f_ref != 0).sum(1).tolist()
-
-
-def write_saelens(folder: Path, cfg: dict, tensors: dict[str, np.ndarray]) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    save_file(tensors, str(folder / "sae_weights.safetensors"))
-    return folder
 
 
 # --------------------------------------------------------------------------------------------- Gemma Scope
@@ -118,13 +105,7 @@ def test_gemma_scope_old_key_names_and_no_pickles(tmp_path):
 
 
 def write_sparsify(folder: Path, w: dict[str, np.ndarray], **cfg_overrides) -> Path:
-    folder.mkdir(parents=True)
-    cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": D_SAE,
-           "k": K, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D_IN, **cfg_overrides}
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    save_file({"encoder.weight": np.ascontiguousarray(w["W_enc"].T), "encoder.bias": w["b_enc"],
-               "W_dec": w["W_dec"], "b_dec": w["b_dec"]}, str(folder / "sae.safetensors"))
-    return folder
+    return foreign.write_sparsify(folder, w, K, **cfg_overrides)
 
 
 def test_sparsify_folder(tmp_path):

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from darkmatter.config import ConfigError, ExperimentConfig, SaeFamilyConfig, SaeTrainingConfig, load_config
+from darkmatter.config import ConfigError, ExperimentConfig, SaeTrainingConfig, load_config
 from darkmatter.sae.architectures import ARCHITECTURES
 from darkmatter.sae.batches import CHUNK_ROWS, ShuffledBatches
 from darkmatter.sae.families import SaeSpec, expand_families, parse_sae_id, sae_id
@@ -178,7 +178,6 @@ def test_default_families_expand_to_unique_members():
     assert len(ids) == len(set(ids)) == 9  # 5 widths + 5 ks, the 4096-wide k=32 SAE shared
     shared = next(m for m in members if m.sae_id == "topk-w4096-k32-s0")
     assert shared.families == ("width", "k") and shared.path == "blocks.15.hook_resid_post/topk-w4096-k32-s0"
-    assert expand_families([SaeFamilyConfig(name="gemma", source="/somewhere")], default.primary_hook) == []
 
 
 def test_topk_without_decoder_normalisation_is_a_config_error():

@@ -1,6 +1,7 @@
 # Shared names for every rule: the experiment's paths (darkmatter.paths, also used by the library), the
 # interpreter, the SAEs to train, and wildcard patterns. Each rule passes its step's config slice
 # (darkmatter.config.steps) so that it reruns only when a value it reads changes.
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +19,14 @@ try:  # the threads of every heavy rule; commands that run no job (--unlock, --l
     CORES = workflow.cores
 except WorkflowError:
     CORES = 1
-MEMBERS = expand_families(EXP.families, EXP.primary_hook)  # unique SAEs to train, in config order
+MEMBERS = expand_families(EXP.families, EXP.primary_hook)  # unique SAEs, in config order
+# an SAE folder is written by train_sae, or by import_sae for a family's source: each rule matches only its own ids
+SOURCE_OF = {(m.hook, m.sae_id): m.source for m in MEMBERS if m.source}
+
+
+def only(ids):
+    """A wildcard pattern matching exactly ``ids`` (nothing when empty)."""
+    return "|".join(re.escape(i) for i in sorted(set(ids))) or "(?!)"
 HOOKS = list(dict.fromkeys(m.hook for m in MEMBERS))  # hooks that have SAEs
 
 
