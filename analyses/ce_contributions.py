@@ -24,6 +24,7 @@ from darkmatter.analysis.eval import error_sums_by_context
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import family_name, family_saes, in_family
 from darkmatter.analysis.stats import percentile_interval, resampling_summary
+from darkmatter.analysis.verdict import Verdict, by_majority
 from darkmatter.downstream.ce import GLOBAL_CONDITIONS, SAE_CONDITIONS, summarize_ce
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,19 @@ def _ce_figure(table: pl.DataFrame):
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """A proportional share, per SAE: agrees when the CE gap recovered by adding back the nonlinear error and its
+    share of the error variance have overlapping intervals, differs when they are disjoint; most SAEs decide."""
+    if table.is_empty() or "percent_recovered_nonlinear_ci_low" not in table.columns:
+        return Verdict("undetermined", "no CE measurement with intervals")
+    words = ["agrees" if r["percent_recovered_nonlinear_ci_low"] <= r["variance_share_nonlinear_pct_ci_high"]
+             and r["variance_share_nonlinear_pct_ci_low"] <= r["percent_recovered_nonlinear_ci_high"] else "differs"
+             for r in table.iter_rows(named=True)]
+    return Verdict(by_majority(words), f"recovered and variance-share intervals disjoint for {words.count('differs')} "
+                                       f"of {len(words)} SAEs; median ratio recovered / share "
+                                       f"{summary.get('nonlinear_recovered_over_variance_share_median', float('nan')):.2f}")
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

@@ -31,6 +31,7 @@ from darkmatter.analysis.interpretability import (
 )
 from darkmatter.analysis.saes import choose_sae, family_saes
 from darkmatter.analysis.stats import percentile_interval
+from darkmatter.analysis.verdict import Verdict, from_answer, interval
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,16 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         out[f"judge_accuracy_{slug}"] = float((j["value"] * j["n"]).sum() / j["n"].sum())
         out[f"judge_top_decile_accuracy_{slug}"] = float(j.filter(pl.col("decile") == DECILES)["value"].mean())
     return out
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """The FVU half of the claim (the interpretability half needs the LLM judge, off by default)."""
+    keys = ("fvu_difference_nonlinear_minus_linear", "fvu_difference_ci_low", "fvu_difference_ci_high")
+    if not all(k in summary for k in keys):
+        return Verdict("undetermined", "no error-component SAEs were trained")
+    return from_answer(summary.get("paper_claim_nonlinear_sae_worse", ""),
+                       f"FVU(NonlinearError SAE) − FVU(LinearError SAE) = {interval(*(summary[k] for k in keys))}; "
+                       "the interpretability half is scored only with an LLM judge")
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

@@ -21,6 +21,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_saes, in_family, modal_group
 from darkmatter.analysis.stats import r2_interval, resampling_summary
+from darkmatter.analysis.verdict import Verdict, most_above
 from darkmatter.errors.measure import METRICS, TEST_SUMS
 from darkmatter.io import read_json
 from darkmatter.regression import GroupSums
@@ -95,6 +96,12 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
 def _sweep_axis(members: pl.DataFrame) -> str:
     """The column a family sweeps: the one of width and k with more distinct values."""
     return "width" if members["width"].n_unique() >= members["k"].n_unique() else "k"
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """The claim's number: R²(‖SaeError‖²) above 0.9 for most SAEs (each SAE's interval, the default map)."""
+    rows = table.filter(pl.col("default")) if "default" in table.columns else table
+    return most_above(rows["r2_norm_sq_low"].to_list(), rows["r2_norm_sq_high"].to_list(), 0.9, "R²(‖SaeError‖²)")
 
 
 def plot(table: pl.DataFrame) -> dict:

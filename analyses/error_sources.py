@@ -24,6 +24,7 @@ from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.stats import r2_interval
+from darkmatter.analysis.verdict import Verdict, from_answer
 from darkmatter.config import hook_layer
 from darkmatter.regression import Design, LazyRows, group_test_sums, stream_moments
 
@@ -207,6 +208,14 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     for k in ("resampling_unit", "n_documents", "n_contexts", "bootstrap"):
         out[k] = table[k][0]
     return out
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """Earlier-layer SAE outputs reduce the nonlinear error more than gradient pursuit does."""
+    return from_answer(summary.get("previous_layer_beats_pursuit", ""),
+                       f"R²(NonlinearError ← previous-layer SAE) "
+                       f"{summary.get('r2_nonlinear_error_from_previous_layer_sae', float('nan')):.3f} against the "
+                       f"pursuit's {summary.get('pursuit_fvu_nonlinear_reduction_pct', float('nan')):.1f}% reduction")
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

@@ -21,6 +21,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import family_saes
 from darkmatter.analysis.stats import r2_interval, r2_interval_on_fit_flag, resampling_summary
+from darkmatter.analysis.verdict import Verdict
 from darkmatter.errors.measure import TEST_SUMS
 from darkmatter.regression import GroupSums
 
@@ -125,6 +126,15 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     if table["l0_constant"].any():
         out["note"] = "L0 is constant on some SAEs (TopK): its R² is that of the fit-row mean, about 0"
     return out
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """x predicts ‖SaeError‖² better than each scalar, beyond the intervals, for most SAEs."""
+    frac = summary.get("x_beats_each_scalar_beyond_intervals_fraction", float("nan"))
+    word = "undetermined" if frac != frac else "agrees" if frac > 0.5 else "differs"
+    return Verdict(word, f"x beats token identity, CE loss, L0 and ‖x‖ beyond the intervals for {frac:.0%} of SAEs "
+                         f"(R² median {summary.get('r2_x_median', float('nan')):.2f} against "
+                         f"{summary.get('r2_token_identity_median', float('nan')):.2f} for token identity)")
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

@@ -20,6 +20,7 @@ from darkmatter.analysis.eval import eval_split, heldout_by_context
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import family_saes
 from darkmatter.analysis.stats import r2_interval, resampling_summary
+from darkmatter.analysis.verdict import Verdict, by_majority
 from darkmatter.regression import row_chunks
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,25 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     above = min(med["x"], med["sae"]) > max(med["error"], med["linear_error"])
     out["x_sae_above_errors"] = "yes" if above else "no"
     return out
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """NonlinearError the least norm-predictable vector, per SAE from the intervals: agrees when its interval lies
+    below every other vector's, differs when another vector's lies wholly below it; most SAEs decide."""
+    words: list = []
+    for _, rows in sorted(table.filter(pl.col("sae_id").is_not_null()).group_by("sae_id"), key=lambda g: str(g[0])):
+        lo = dict(zip(rows["vector"], rows["r2_norm_sq_low"], strict=True))
+        hi = dict(zip(rows["vector"], rows["r2_norm_sq_high"], strict=True))
+        others = [v for v in lo if v != "nonlinear_error"]
+        if hi["nonlinear_error"] < min(lo[v] for v in others):
+            words.append("agrees")
+        elif any(hi[v] < lo["nonlinear_error"] for v in others):
+            words.append("differs")
+        else:
+            words.append("undetermined")
+    return Verdict(by_majority(words), f"NonlinearError lowest beyond the intervals in {words.count('agrees')} of "
+                                       f"{len(words)} SAEs, another vector lower in {words.count('differs')} "
+                                       f"(medians: {summary.get('measured_order', '')})")
 
 
 def plot(table: pl.DataFrame) -> dict:

@@ -22,6 +22,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import mathtext_safe, note_figure
 from darkmatter.analysis.saes import family_name, family_saes, modal_group
 from darkmatter.analysis.stats import r2_interval_on_fit_flag, resampling_summary
+from darkmatter.analysis.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,18 @@ def _trace_figure(trace: pl.DataFrame):
                       rotation=90, fontsize=6)
     fig.tight_layout()
     return fig
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """Per-token error norms predictable across widths (smallest → largest R² interval above 0.5), adjacent widths
+    the best predictors for most SAEs, and the nonlinear error norm adding predictive power."""
+    low = summary.get("r2_smallest_to_largest_low", float("nan"))
+    adjacent = summary.get("adjacent_is_best_predictor_fraction", float("nan"))
+    gain = summary.get("nonlinear_gain_pct_mean", float("nan"))
+    checks = [low > 0.5, adjacent > 0.5, gain > 0]
+    word = "agrees" if all(checks) else "undetermined" if any(v != v for v in (low, adjacent, gain)) else "differs"
+    return Verdict(word, f"R²(smallest → largest) lower bound {low:.2f}; adjacent best for {adjacent:.0%}; "
+                         f"nonlinear norm adds {gain:.1f}% of the unexplained variance")
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

@@ -25,6 +25,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import choose_sae, family_saes
 from darkmatter.analysis.stats import subsample
+from darkmatter.analysis.verdict import Verdict
 from darkmatter.errors.metrics import LatentAccumulator
 from darkmatter.regression import heldout_r2
 
@@ -117,6 +118,12 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
             "spearman_r_median_all_saes": _median(everyone["spearman"]),
             "spearman_r_min_all_saes": float(np.nanmin(everyone["spearman"].to_numpy())),
             "tokens": int(main["tokens"][0])}
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """No interval yet on the correlation, and the paper states no number to compare with."""
+    return Verdict("undetermined", f"Spearman ρ(projection, mean activation) = {summary.get('spearman_r', float('nan')):.2f} "
+                                   "for the widest SAE, without an interval; the paper gives no number")
 
 
 def plot(table: pl.DataFrame) -> dict:

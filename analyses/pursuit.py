@@ -21,6 +21,7 @@ from darkmatter.analysis.eval import context_sums, error_sums_by_context
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_name, family_saes, in_family
 from darkmatter.analysis.stats import percentile_interval, resampling_summary
+from darkmatter.analysis.verdict import Verdict, interval
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,18 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
                 "delta_ce_ci_low_nats": r["delta_ce_ci_low"], "delta_ce_ci_high_nats": r["delta_ce_ci_high"],
                 "ce_verdict": _verdict(r["delta_ce_ci_low"], r["delta_ce_ci_high"])}
     return out
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """"Only a very slight decrease" of FVU_nonlinear, read as a change within ±5% of it (widest SAE)."""
+    keys = ("delta_fvu_nonlinear_pct_widest", "delta_fvu_nonlinear_pct_widest_ci_low",
+            "delta_fvu_nonlinear_pct_widest_ci_high")
+    if not all(k in summary for k in keys):
+        return Verdict("undetermined", "no pursuit of the widest SAE")
+    low, high = summary[keys[1]], summary[keys[2]]
+    word = "agrees" if low > -5 and high < 5 else "differs" if high < -5 or low > 5 else "undetermined"
+    return Verdict(word, f"FVU_nonlinear changes by {interval(*(summary[k] for k in keys), digits=1)}% with pursuit "
+                         "(slight: within ±5%)")
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

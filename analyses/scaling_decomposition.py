@@ -25,6 +25,7 @@ from darkmatter.analysis.eval import context_sums, error_sums_by_context
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_name, family_saes
 from darkmatter.analysis.stats import percentile_interval, resampling_summary, trend
+from darkmatter.analysis.verdict import Verdict, from_answer
 from darkmatter.errors.scaling import fit_power_law, power_law, scaling_decomposition
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,14 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         # the part of the nonlinear error a better encoder (gradient pursuit) removes, where it was measured
         **({"encoder_error_fvu": encoder} if math.isfinite(encoder := _mean_of(main, "encoder_error")) else {}),
     }
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """FVU_nonlinear roughly flat in width: this analysis's equivalence test against its margin."""
+    basis = (f"FVU_nonlinear slope {summary.get('fvu_nonlinear_slope_pct_of_mean_per_doubling', float('nan')):+.1f}% "
+             f"of its mean per doubling of width; flat means within ±{summary.get('flat_margin_fvu_per_doubling', float('nan')):.4f} "
+             "FVU per doubling (equivalence test)")
+    return from_answer(summary.get("fvu_nonlinear_flat", ""), basis)
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

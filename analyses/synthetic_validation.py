@@ -37,6 +37,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.saes import choose_sae, family_saes
 from darkmatter.analysis.stats import subsample
+from darkmatter.analysis.verdict import Verdict
 from darkmatter.errors.decompose import error_fit
 from darkmatter.errors.metrics import FvuAccumulator, LatentAccumulator
 from darkmatter.regression import Design, LazyRows, TargetMoments, split_mask, stream_moments
@@ -196,6 +197,14 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
     out |= {"sae_id": str(table["sae_id"][0]), "tokens": int(table["tokens"][0]), "grid_points": table.height,
             "noise_unit": float(table["noise_unit"][0])}
     return out
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """A strong diagonal, read as: every diagonal correlation above 0.9 and every off-diagonal one below 0.3."""
+    diag, off = summary.get("diagonal_min", float("nan")), summary.get("off_diagonal_max_abs", float("nan"))
+    word = "undetermined" if diag != diag or off != off else "agrees" if diag > 0.9 and off < 0.3 else "differs"
+    return Verdict(word, f"smallest diagonal correlation {diag:.3f}, largest off-diagonal |r| {off:.3f} "
+                         "(strong: > 0.9 and < 0.3)")
 
 
 def plot(table: pl.DataFrame) -> dict:

@@ -22,6 +22,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_saes
 from darkmatter.analysis.stats import percentile_interval, r2_interval, resampling_summary, trend
+from darkmatter.analysis.verdict import Verdict, most_above
 from darkmatter.errors.measure import TEST_SUMS
 from darkmatter.regression import GroupSums
 
@@ -166,6 +167,11 @@ def _metric_figure(table: pl.DataFrame, metric: str, title: str):
     log2_ticks(ax, "y", np.exp2(y).round(1))
     ax.set(xlabel="SAE width (latents, log scale)", ylabel="mean L0 (log scale)", title=f"{title}\n{subtitle}")
     return fig
+
+
+def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
+    """The claim's first number: R²(‖SaeError‖²) above 0.9 for most SAEs of the grid (each SAE's interval)."""
+    return most_above(table["r2_norm_sq_low"].to_list(), table["r2_norm_sq_high"].to_list(), 0.9, "R²(‖SaeError‖²)")
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

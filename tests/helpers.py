@@ -28,6 +28,7 @@ import polars as pl
 import torch
 
 from darkmatter.analysis import AnalysisContext, load_outputs, run
+from darkmatter.analysis.verdict import most_above
 from darkmatter.config import SaeFamilyConfig, SaeTrainingConfig, load_config, to_dict
 from darkmatter.errors.error_saes import ErrorComponents, error_sae_specs, train_error_saes_to_folder
 from darkmatter.errors.measure import LINEAR_MAP, measure_hook
@@ -385,11 +386,13 @@ def sae_frame(sae_ids: tuple[str, ...] = REPORT_SAE_IDS) -> pl.DataFrame:
 
 
 def fake_analysis_module(name: str, doc: str, claim: str, compute, summarize, plot,
-                         headline: tuple[str, ...] = ()) -> types.ModuleType:
-    """A module that fulfils the analysis contract with the given functions."""
+                         headline: tuple[str, ...] = (), verdict=None) -> types.ModuleType:
+    """A module that fulfils the analysis contract with the given functions (``verdict``: optional)."""
     module = types.ModuleType(f"analyses.{name}", doc)
     module.PAPER_CLAIM, module.HEADLINE = claim, headline
     module.compute, module.summarize, module.plot = compute, summarize, plot
+    if verdict is not None:
+        module.verdict = verdict
     return module
 
 
@@ -427,6 +430,7 @@ def _write_report_analyses(paths: ExperimentPaths) -> None:
             lambda t: {"r2_norm_sq": _bar_figure([str(w) for w in t["width"]], t["r2_norm_sq"].to_list(), "R²"),
                        "fvu": _bar_figure([str(w) for w in t["width"]], t["fvu"].to_list(), "FVU")},
             headline=("saes", "r2_norm_sq_median"),
+            verdict=lambda s, t: most_above([0.5] * t.height, t["r2_norm_sq"].to_list(), 0.9, "R²(‖SaeError‖²)"),
         ),
         fake_analysis_module(
             "per_token_shares",

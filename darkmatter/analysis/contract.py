@@ -9,6 +9,8 @@ An analysis module answers one scientific question:
 - ``HEADLINE: tuple[str, ...]`` — the summary keys that answer the question, most important first (the report's
   top table shows those the summary has; every key is in the section);
 - ``plot(table: pl.DataFrame) -> dict[str, matplotlib.figure.Figure]`` — figures, no I/O;
+- optional ``verdict(summary, table) -> darkmatter.analysis.verdict.Verdict`` — does the paper's claim hold here
+  (agrees / differs / undetermined, with the numbers behind the word); stored in the summary;
 - ``main()`` = ``run_cli(sys.modules[__name__])``.
 
 Outputs in ``--out``: ``table.parquet``, ``summary.json``, ``<figure>.png`` per figure, ``meta.json``
@@ -65,6 +67,8 @@ def run(module: ModuleType, ctx: AnalysisContext, out: Path) -> Path:
         ctx = dataclasses.replace(ctx, name=module_name(module))
     table = module.compute(ctx)
     summary = module.summarize(table)
+    if hasattr(module, "verdict"):
+        summary |= module.verdict(summary, table).as_summary()
     name = module_name(module)
     # a degraded run (no CE, no width family, ...) may leave some headline keys out: show the others
     headline = [k for k in getattr(module, "HEADLINE", ()) if k in summary]

@@ -58,6 +58,8 @@ class AnalysisSection:
     method: str = ""
     paper_claim: str = ""
     reason: str = ""
+    verdict: str = ""  # agrees / differs / undetermined (darkmatter.analysis.verdict); empty: the analysis has none
+    verdict_basis: str = ""
     seconds: float | None = None
     summary: list[tuple[str, str]] = field(default_factory=list)
     figures: list[tuple[str, str]] = field(default_factory=list)  # (name, data URI)
@@ -110,13 +112,14 @@ def load_section(folder: Path, name: str) -> AnalysisSection:
         log.warning("analysis %s not run: %s", name, reason)
         return AnalysisSection(name=name, status="not run", question=question or name, method=method,
                                paper_claim=claim, reason=reason)
-    meta, figures = out["meta"], out["figures"]
+    meta, figures, summary = out["meta"], out["figures"], dict(out["summary"])
+    verdict, basis = str(summary.pop("verdict", "")), str(summary.pop("verdict_basis", ""))
     # meta.json lists the figures in the order the analysis made them; fall back to what is on disk.
     names = [n for n in meta.get("figures", []) if n in figures] or list(figures)
     return AnalysisSection(
         name=name, status="ok", question=meta.get("question") or name, method=meta.get("method", ""),
-        paper_claim=meta.get("paper_claim", ""), seconds=meta.get("seconds"),
-        summary=[(k, fmt(out["summary"][k])) for k in _headline_first(out["summary"], meta.get("headline", []))],
+        paper_claim=meta.get("paper_claim", ""), seconds=meta.get("seconds"), verdict=verdict, verdict_basis=basis,
+        summary=[(k, fmt(summary[k])) for k in _headline_first(summary, meta.get("headline", []))],
         figures=[(n, _data_uri(figures[n])) for n in names],
         table=compact_table(out["table"]),
     )

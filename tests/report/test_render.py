@@ -88,8 +88,13 @@ def test_report_has_every_section_figure_and_number(experiment):
         outputs = load_outputs(experiment.paths.root / "analyses" / name)
         body = page.text[f"analysis-{name}"]
         assert outputs["meta"]["question"] in body and outputs["meta"]["paper_claim"] in body
-        for key, value in outputs["summary"].items():
+        summary = dict(outputs["summary"])
+        verdict, basis = summary.pop("verdict", None), summary.pop("verdict_basis", None)
+        for key, value in summary.items():
             assert key in body and fmt(value) in body
+        if verdict is not None:  # shown beside the claim, in the section and in the top table
+            assert f"Here: {verdict} {basis}" in " ".join(body.split())
+            assert f"{verdict} {basis}" in " ".join(page.text["summary"].split())
         for fig, png in outputs["figures"].items():
             (img,) = [a for a in page.find("img", **{"data-figure": fig}) if name in (a.get("alt") or "")]
             prefix = "data:image/png;base64,"
