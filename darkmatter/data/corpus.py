@@ -31,7 +31,7 @@ class CorpusError(ValueError):
     """The corpus is empty, unreadable, or too small for the requested contexts."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Document:
     doc_id: str
     text: str
