@@ -3,7 +3,8 @@
 A document goes to the eval split when a seeded hash of its id falls below ``eval_fraction``, so the split of
 a document never depends on which other documents exist. Within a split, documents are ordered by the same
 hash (a seeded shuffle) and cut into chunks of ``context_size - 1`` tokens, each prefixed with BOS; a context
-never spans two documents and a document's last partial chunk is dropped.
+never spans two documents and a document's last partial chunk is dropped. This reads the whole corpus into
+memory; a corpus with a Hugging Face source is streamed instead, ordered within windows (darkmatter.data.stream).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def hf_documents(name: str, split: str, text_field: str, config: str | None = No
         ds = datasets.load_dataset(name, config, split=split, revision=revision, streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CorpusError(f"corpus source 'hf:{name}' (split {split!r}) could not be opened: {first}") from None
+        raise CorpusError(f"corpus source 'hf:{name}' (split {split!r}) could not be opened: {first.rstrip('.')}.") from None
     for i, row in enumerate(ds):
         text = row.get(text_field)
         if not isinstance(text, str):
