@@ -58,8 +58,8 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 def cmd_prepare_corpus(args: argparse.Namespace) -> None:
     from darkmatter.config import ConfigSlice, CorpusConfig, HarvestConfig
     from darkmatter.data.activations import contexts_for_tokens
-    from darkmatter.data.corpus import make_contexts, split_documents
     from darkmatter.data.models import load_tokenizer
+    from darkmatter.data.stream import corpus_contexts
     from darkmatter.provenance import write_provenance
 
     started = time.time()
@@ -68,18 +68,18 @@ def cmd_prepare_corpus(args: argparse.Namespace) -> None:
     harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
     model_info = read_json(args.model)
     tok = load_tokenizer(model_info["path"], model_info.get("revision"))
-    splits = split_documents(corpus)  # type: ignore[arg-type]
     n = {
-        "eval": harvest.eval_contexts,
         "train": contexts_for_tokens(harvest.train_tokens, harvest.context_size, harvest.train_min_pos),
+        "eval": harvest.eval_contexts,
     }
+    contexts, counts = corpus_contexts(corpus, tok, n, harvest.context_size)  # type: ignore[arg-type]
     with atomic_dir(Path(args.out)) as tmp:
         for split in ("train", "eval"):
-            tokens, table = make_contexts(splits[split], tok, n[split], harvest.context_size, split)
+            tokens, table = contexts[split]
             np.save(tmp / f"{split}_tokens.npy", tokens)
             table.write_parquet(tmp / f"{split}_contexts.parquet")
             log.info("%s: %d contexts from %d documents", split, len(tokens), table["doc_id"].n_unique())
-        write_json(tmp / "meta.json", {s: {"documents": len(d)} for s, d in splits.items()})
+        write_json(tmp / "meta.json", counts)
         write_provenance(tmp, params, seeds={"corpus": corpus.seed}, started=started)
 
 

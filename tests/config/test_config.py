@@ -80,6 +80,10 @@ def _bad(tmp_path, data: dict) -> str:
         ({"harvest": {"min_pos": 1024}}, "harvest.min_pos", "context_size - 2"),
         ({"harvest": {"train_min_pos": 0}}, "harvest.train_min_pos", "attention sink"),
         ({"corpus": {"eval_fraction": 1.0}}, "corpus.eval_fraction", "between 0 and 1"),
+        ({"corpus": {"shuffle_window": 0}}, "corpus.shuffle_window", ">= 1 (documents)"),
+        ({"corpus": {"hf_config": ""}}, "corpus.hf_config", "null or a non-empty string"),
+        ({"corpus": {"hf_revision": ""}}, "corpus.hf_revision", "null or a non-empty string"),
+        ({"corpus": {"hf_split": ""}}, "corpus.hf_split", "a non-empty string"),
         ({"training": {"lr_base": 0}}, "training.lr_base", "> 0"),
         ({"families": [{"name": "w", "widths": [0]}]}, "families[0].widths", ">= 1"),
         ({"families": [{"name": "w", "widths": [16], "ks": [32]}]}, "families[0].ks", "k=32 > width 16"),
@@ -93,6 +97,16 @@ def test_bad_values_fail_with_one_sentence_naming_the_key(tmp_path, data, key, e
     msg = _bad(tmp_path, data)
     assert f"'{key}'" in msg or key in msg, msg
     assert expected in msg, msg
+
+
+def test_an_hf_source_without_the_datasets_package_is_one_sentence(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else find_spec(name, *a))
+    msg = _bad(tmp_path, {"corpus": {"sources": ["sotu", "hf:allenai/c4"]}})
+    assert "'corpus.sources'" in msg and "'hf:allenai/c4' needs the package 'datasets' (pip install datasets)" in msg
+    load_config(data={"corpus": {"sources": ["sotu"]}})  # only an hf: source needs it
 
 
 def test_missing_and_malformed_files(tmp_path):
