@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from darkmatter.config import load_config
+from darkmatter.config.resources import model_shape, step_resources
 from darkmatter.sae.families import expand_families, widest
 from darkmatter.store.build import connect
 from tests.helpers import REPO
@@ -32,6 +35,105 @@ def test_dry_run_plans_every_step(configfile, tmp_path):
     assert res.returncode == 0, res.stderr
     for rule in ("prepare_model", "prepare_corpus", "harvest"):
         assert rule in res.stdout
+
+
+def _plan(args: list[str], tmp_path) -> str:
+    """``snakemake -n`` of the default experiment from an empty folder: the printed plan."""
+    (tmp_path / "config").symlink_to(REPO / "config")
+    res = _run([*SNAKEMAKE, "-n", *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def _jobs(plan: str) -> dict[str, dict[str, str]]:
+    """Each planned job's printed fields (threads, resources, benchmark, ...), by ``rule/wildcards``."""
+    blocks, current = [], None
+    for line in plan.splitlines():
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            current = {"rule": line.split()[1][:-1]}
+            blocks.append(current)
+        elif current is not None and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            current[key] = value
+        elif not line.startswith("    "):
+            current = None
+    return {f"{b['rule']}/{b.get('wildcards', '')}": b for b in blocks}
+
+
+def _resources(fields: dict[str, str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in fields["resources"].split(", "))
+
+
+def test_slurm_profile_plans_with_each_jobs_resources(tmp_path):
+    """profiles/slurm as a workflow profile (it replaces profiles/default): 16 threads per heavy job, and each
+    job's memory, runtime and GPUs from darkmatter.config.resources for the job's own SAE, split or hook."""
+    plan = _plan(["--workflow-profile", str(REPO / "profiles" / "slurm")], tmp_path)
+    assert "workflow specific profile" in plan and "profiles/slurm" in plan
+    jobs = _jobs(plan)
+    cfg = load_config(REPO / "config" / "config.yaml")
+    shape = model_shape(cfg.model)
+    hook = cfg.primary_hook
+    expected = {
+        "harvest/split=train": step_resources(cfg, "harvest", shape, split="train"),
+        f"train_sae/hook={hook}, sae_id=topk-w16384-k32-s0": step_resources(
+            cfg, "train-sae", shape, sae_id="topk-w16384-k32-s0"),
+        f"pursue/hook={hook}, sae_id=topk-w4096-k128-s0": step_resources(
+            cfg, "pursue", shape, sae_id="topk-w4096-k128-s0"),
+        "measure_ce/": step_resources(cfg, "measure-ce", shape),
+        f"train_error_saes/hook={hook}": step_resources(cfg, "train-error-saes", shape, hook=hook),
+        "build_database/": step_resources(cfg, "build-database", shape),
+    }
+    for job, want in expected.items():
+        got = _resources(jobs[job])
+        assert {k: int(got[k]) for k in want} == want, job
+    assert jobs["harvest/split=train"]["threads"] == "16" and "threads" not in jobs["render_report/"]
+    assert jobs[f"train_sae/hook={hook}, sae_id=topk-w16384-k32-s0"]["benchmark"] == (
+        f"results/default/benchmarks/train_sae/{hook}/topk-w16384-k32-s0.tsv")
+    # the widest SAE trains longer and in more memory than the narrowest
+    narrow = _resources(jobs[f"train_sae/hook={hook}, sae_id=topk-w1024-k32-s0"])
+    wide = _resources(jobs[f"train_sae/hook={hook}, sae_id=topk-w16384-k32-s0"])
+    assert int(wide["mem_mb"]) > int(narrow["mem_mb"]) and int(wide["runtime"]) > int(narrow["runtime"])
+
+
+def test_slurm_profile_plans_as_a_global_profile(tmp_path):
+    """`--profile profiles/slurm` also plans, but profiles/default, which Snakemake loads by itself, still applies
+    on top of it (the workflow profile wins per key): its `cores: all`, here this machine's, sets every heavy job's
+    threads; light steps keep one."""
+    plan = _plan(["--profile", str(REPO / "profiles" / "slurm")], tmp_path)
+    assert "profiles/slurm" in plan and "profiles/default" in plan
+    jobs = _jobs(plan)
+    assert len(jobs) == 51  # 50 jobs and `all`, as the Job stats table counts them
+    assert int(jobs["harvest/split=eval"].get("threads", 1)) == os.cpu_count()
+    assert "threads" not in jobs["build_database/"]
+
+
+def test_conda_deployment_runs_the_environments_interpreter(tmp_path):
+    """With --sdm conda the jobs call `python` (the activated environment's) and, without it, this interpreter by
+    its absolute path. A stand-in `conda` answers Snakemake's checks: planning needs no real conda."""
+    fake = tmp_path / "bin" / "conda"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\ncase \"$1\" in\n"
+        "  --version) echo 'conda 24.11.0';;\n"
+        f"  info) echo '{{\"conda_prefix\": \"{tmp_path}\", \"root_prefix\": \"{tmp_path}\", "
+        f"\"envs_dirs\": [\"{tmp_path}/envs\"], \"platform\": \"linux-64\"}}';;\n"
+        "  config) echo '{\"get\": {\"channel_priority\": \"strict\"}}';;\n"
+        "  *) exit 1;;\nesac\n")
+    fake.chmod(0o755)
+    env = os.environ | {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    base = [*SNAKEMAKE, "-n", "-p", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--configfile",
+            str(REPO / "config" / "smoke.yaml")]
+    commands = {}
+    for sdm in ([], ["--sdm", "conda"]):
+        res = subprocess.run([*base, *sdm, "--directory", str(tmp_path / f"run{len(sdm)}")], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        commands[bool(sdm)] = [line.split(": ", 1)[1] for line in (res.stdout + res.stderr).splitlines()
+                               if line.startswith("Shell command: ") and line != "Shell command: None"]
+    host = str(Path(sys.prefix) / "bin" / "python3")
+    assert len(commands[False]) == len(commands[True]) > 30
+    assert [c for c in commands[False] if not c.startswith(f"{host} -m ")] == []
+    assert [c for c in commands[True] if not c.startswith("python -m ")] == []
 
 
 def test_lint_is_clean():

@@ -13,6 +13,10 @@ rule train_sae:
         py=PY,
         training=step_params(EXP, "train-sae"),
     threads: CORES
+    resources:
+        **resources_of("train-sae"),
+    benchmark:
+        str(P.benchmark("train_sae", "{hook}", "{sae_id}")),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -33,6 +37,10 @@ rule encode_sae:
         py=PY,
         encode=step_params(EXP, "encode-sae"),
     threads: CORES
+    resources:
+        **resources_of("encode-sae"),
+    benchmark:
+        str(P.benchmark("encode_sae", "{hook}", "{sae_id}")),
     conda:
         "../envs/darkmatter.yaml"
     log:
