@@ -1,4 +1,4 @@
-"""Scheduler resources per workflow step (darkmatter.config.resources): model shapes, planted sizes, the conda
+"""Scheduler resources per workflow step (darkmatter.resources): model shapes, planted sizes, the conda
 environment's dependency list."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from darkmatter.config import ExperimentConfig, load_config
-from darkmatter.config.resources import (
+from darkmatter.config.sections import ModelConfig, RandomModelConfig
+from darkmatter.resources import (
     BASE_MB,
     MB,
     MEMORY_MARGIN,
@@ -23,7 +24,6 @@ from darkmatter.config.resources import (
     model_shape,
     step_resources,
 )
-from darkmatter.config.sections import ModelConfig, RandomModelConfig
 from tests.helpers import REPO
 
 SMOKE = load_config(REPO / "config" / "smoke.yaml")
@@ -135,3 +135,24 @@ def test_conda_env_lists_every_runtime_dependency():
     assert not any(line.startswith(("-e", "--editable")) or line.startswith(".") for line in pip)
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"] == ">=" + python[7:]
+
+
+def test_slurm_submission_carries_the_estimates():
+    """The SLURM executor's sbatch line for a default train_sae job: memory, time limit, CPUs, and GPUs once
+    a step asks for one (no SLURM needed: the plugin's own command builder)."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    res = step_resources(cfg, "train-sae", model_shape(cfg.model), sae_id="topk-w16384-k32-s0")
+    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "",
+              "workdir": None}
+    call = get_submit_command(SimpleNamespace(resources=Resources(res), threads=16), params)
+    assert f"--mem {res['mem_mb']}" in call and f"-t {res['runtime']}" in call and "--cpus-per-task=16" in call
+    assert set_gres_string(SimpleNamespace(resources=Resources(res))) == ""  # gpu 0: no --gpus
+    assert "--gpus=1" in set_gres_string(SimpleNamespace(resources=Resources(res | {"gpu": 1})))

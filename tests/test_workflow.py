@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from darkmatter.config import load_config
-from darkmatter.config.resources import model_shape, step_resources
+from darkmatter.resources import model_shape, step_resources
 from darkmatter.sae.families import expand_families, widest
 from darkmatter.store.build import connect
 from tests.helpers import REPO
@@ -66,7 +66,7 @@ def _resources(fields: dict[str, str]) -> dict[str, str]:
 
 def test_slurm_profile_plans_with_each_jobs_resources(tmp_path):
     """profiles/slurm as a workflow profile (it replaces profiles/default): 16 threads per heavy job, and each
-    job's memory, runtime and GPUs from darkmatter.config.resources for the job's own SAE, split or hook."""
+    job's memory, runtime and GPUs from darkmatter.resources for the job's own SAE, split or hook."""
     plan = _plan(["--workflow-profile", str(REPO / "profiles" / "slurm")], tmp_path)
     assert "workflow specific profile" in plan and "profiles/slurm" in plan
     jobs = _jobs(plan)
@@ -204,6 +204,12 @@ def test_smoke_workflow_end_to_end(tmp_path):
         summary = json.loads((results / "analyses" / name / "summary.json").read_text())
         numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         assert numbers, name
+    # every heavy job's benchmark: one row with its wall time and peak memory
+    for bench in [results / "benchmarks" / "harvest" / "train.tsv", results / "benchmarks" / "measure_ce.tsv",
+                  results / "benchmarks" / "train_sae" / primary[0].hook / f"{primary[0].sae_id}.tsv"]:
+        rows = bench.read_text().splitlines()
+        header, values = rows[0].split("\t"), rows[1].split("\t")
+        assert len(rows) == 2 and float(values[header.index("s")]) > 0 and float(values[header.index("max_rss")]) > 0
     index = (tmp_path / "reports" / "smoke" / "index.html").read_text()
     assert all(f'id="analysis-{name}"' in index for name in cfg.analysis.names)
     assert (tmp_path / "reports" / "smoke" / "browser.html").is_file()

@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 from darkmatter.config import step_params
-from darkmatter.config.resources import model_shape, step_resources
+from darkmatter.resources import model_shape, step_resources
 from darkmatter.paths import ExperimentPaths
 from darkmatter.sae.families import error_sae_base, expand_families, widest
 
@@ -35,7 +35,7 @@ SIZED = ("split", "sae_id", "hook")  # the wildcards that change a job's sizes
 
 
 def resources_of(step):
-    """The scheduler resources of a step (darkmatter.config.resources): mem_mb, runtime (minutes), gpu and, for the
+    """The scheduler resources of a step (darkmatter.resources): mem_mb, runtime (minutes), gpu and, for the
     harvest, disk_mb; each job's wildcards (split, sae_id, hook) pick its sizes."""
 
     def estimate(key):
