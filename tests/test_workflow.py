@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -107,26 +108,46 @@ def test_slurm_profile_plans_as_a_global_profile(tmp_path):
     assert "threads" not in jobs["build_database/"]
 
 
+def _stand_in_conda(root: Path) -> dict[str, str]:
+    """A `conda` that answers Snakemake's checks and "creates" each environment as a folder whose `python` logs
+    the PYTHONPATH it sees, then runs this interpreter (which has the dependencies); the environment for it."""
+    (root / "bin").mkdir(parents=True)
+    files = {
+        "bin/conda": f"""#!/bin/sh
+            case "$1" in
+              --version) echo 'conda 24.11.0';;
+              info) echo '{{"conda_prefix": "{root}", "root_prefix": "{root}", "envs_dirs": ["{root}/envs"],
+                           "platform": "linux-64"}}';;
+              config) echo '{{"get": {{"channel_priority": "strict"}}}}';;
+              env) prev=""; for a in "$@"; do
+                     if [ "$prev" = "--prefix" ]; then mkdir -p "$a/bin"; cp "{root}/python" "$a/bin/python"; fi
+                     prev="$a"; done;;
+              clean) ;;
+              *) exit 1;;
+            esac
+            """,
+        "bin/activate": 'export PATH="$1/bin:$PATH"\n',
+        "python": f"""#!/bin/sh
+            echo "PYTHONPATH=$PYTHONPATH python=$0" >> "{root}/python.log"
+            exec "{sys.executable}" "$@"
+            """,
+    }
+    for name, text in files.items():
+        (root / name).write_text(textwrap.dedent(text))
+        (root / name).chmod(0o755)
+    return os.environ | {"PATH": f"{root / 'bin'}:{os.environ['PATH']}"}
+
+
 def test_conda_deployment_runs_the_environments_interpreter(tmp_path):
-    """With --sdm conda the jobs call `python` (the activated environment's) and, without it, this interpreter by
-    its absolute path. A stand-in `conda` answers Snakemake's checks: planning needs no real conda."""
-    fake = tmp_path / "bin" / "conda"
-    fake.parent.mkdir()
-    fake.write_text(
-        "#!/bin/sh\ncase \"$1\" in\n"
-        "  --version) echo 'conda 24.11.0';;\n"
-        f"  info) echo '{{\"conda_prefix\": \"{tmp_path}\", \"root_prefix\": \"{tmp_path}\", "
-        f"\"envs_dirs\": [\"{tmp_path}/envs\"], \"platform\": \"linux-64\"}}';;\n"
-        "  config) echo '{\"get\": {\"channel_priority\": \"strict\"}}';;\n"
-        "  *) exit 1;;\nesac\n")
-    fake.chmod(0o755)
-    env = os.environ | {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
-    base = [*SNAKEMAKE, "-n", "-p", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--configfile",
+    """With --sdm conda the jobs call `python` (the activated environment's) with the workflow's checkout on
+    PYTHONPATH and, without it, this interpreter by its absolute path. A stand-in conda: no real one needed."""
+    env = _stand_in_conda(tmp_path / "conda")
+    base = [*SNAKEMAKE, "-p", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--configfile",
             str(REPO / "config" / "smoke.yaml")]
     commands = {}
     for sdm in ([], ["--sdm", "conda"]):
-        res = subprocess.run([*base, *sdm, "--directory", str(tmp_path / f"run{len(sdm)}")], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
+        res = subprocess.run([*base, "-n", *sdm, "--directory", str(tmp_path / f"run{len(sdm)}")], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         commands[bool(sdm)] = [line.split(": ", 1)[1] for line in (res.stdout + res.stderr).splitlines()
                                if line.startswith("Shell command: ") and line != "Shell command: None"]
@@ -134,6 +155,15 @@ def test_conda_deployment_runs_the_environments_interpreter(tmp_path):
     assert len(commands[False]) == len(commands[True]) > 30
     assert [c for c in commands[False] if not c.startswith(f"{host} -m ")] == []
     assert [c for c in commands[True] if not c.startswith("python -m ")] == []
+    # One job for real: Snakemake drops the caller's PYTHONPATH for conda jobs; the rule sets the checkout's.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(tmp_path / "elsewhere")]))
+    run = tmp_path / "run2"
+    res = subprocess.run([*base, "--sdm", "conda", "--directory", str(run), "results/smoke/model/model.json"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (line,) = (tmp_path / "conda" / "python.log").read_text().splitlines()
+    assert line.startswith(f"PYTHONPATH={REPO} python={run / '.snakemake' / 'conda'}"), line
+    assert json.loads((run / "results" / "smoke" / "model" / "model.json").read_text())["d_model"] == 64
 
 
 def test_lint_is_clean():
