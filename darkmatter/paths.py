@@ -21,6 +21,7 @@
       darkmatter.duckdb                    build_database: the queryable per-token store
       analyses/<name>/                     run_analysis: table.parquet, summary.json, figures, meta.json
       logs/                                one log per step
+      benchmarks/<rule>/…                  each heavy job's wall time and peak memory (Snakemake's benchmark TSV)
     reports/<exp>/index.html, browser.html render_report
 
 Methods take the wildcard values; the rules pass ``"{hook}"``-style placeholders to get Snakemake patterns.
@@ -128,6 +129,12 @@ class ExperimentPaths:
         if not parts:
             return self.root / "logs" / f"{step}.log"
         return self.root.joinpath("logs", step, *parts[:-1], f"{parts[-1]}.log")
+
+    def benchmark(self, rule: str, *parts: str) -> Path:
+        """results/<exp>/benchmarks/<rule>.tsv, or benchmarks/<rule>/<part>/…/<last part>.tsv (one per job)."""
+        if not parts:
+            return self.root / "benchmarks" / f"{rule}.tsv"
+        return self.root.joinpath("benchmarks", rule, *parts[:-1], f"{parts[-1]}.tsv")
 
     # ------------------------------------------------------------------------------------------ report
     @property

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import torch
 import yaml
 
 from darkmatter.config import load_config
+from darkmatter.resources import model_shape, step_resources
 from darkmatter.sae.families import expand_families, widest
 from darkmatter.sae.model import Sae, default_cfg, save_sae
 from darkmatter.store.build import connect
@@ -35,6 +39,134 @@ def test_dry_run_plans_every_step(configfile, tmp_path):
     assert res.returncode == 0, res.stderr
     for rule in ("prepare_model", "prepare_corpus", "harvest"):
         assert rule in res.stdout
+
+
+def _plan(args: list[str], tmp_path) -> str:
+    """``snakemake -n`` of the default experiment from an empty folder: the printed plan."""
+    (tmp_path / "config").symlink_to(REPO / "config")
+    res = _run([*SNAKEMAKE, "-n", *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def _jobs(plan: str) -> dict[str, dict[str, str]]:
+    """Each planned job's printed fields (threads, resources, benchmark, ...), by ``rule/wildcards``."""
+    blocks, current = [], None
+    for line in plan.splitlines():
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            current = {"rule": line.split()[1][:-1]}
+            blocks.append(current)
+        elif current is not None and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            current[key] = value
+        elif not line.startswith("    "):
+            current = None
+    return {f"{b['rule']}/{b.get('wildcards', '')}": b for b in blocks}
+
+
+def _resources(fields: dict[str, str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in fields["resources"].split(", "))
+
+
+def test_slurm_profile_plans_with_each_jobs_resources(tmp_path):
+    """profiles/slurm as a workflow profile (it replaces profiles/default): 16 threads per heavy job, and each
+    job's memory, runtime and GPUs from darkmatter.resources for the job's own SAE, split or hook."""
+    plan = _plan(["--workflow-profile", str(REPO / "profiles" / "slurm")], tmp_path)
+    assert "workflow specific profile" in plan and "profiles/slurm" in plan
+    jobs = _jobs(plan)
+    cfg = load_config(REPO / "config" / "config.yaml")
+    shape = model_shape(cfg.model)
+    hook = cfg.primary_hook
+    expected = {
+        "harvest/split=train": step_resources(cfg, "harvest", shape, split="train"),
+        f"train_sae/hook={hook}, sae_id=topk-w16384-k32-s0": step_resources(
+            cfg, "train-sae", shape, sae_id="topk-w16384-k32-s0"),
+        f"pursue/hook={hook}, sae_id=topk-w4096-k128-s0": step_resources(
+            cfg, "pursue", shape, sae_id="topk-w4096-k128-s0"),
+        "measure_ce/": step_resources(cfg, "measure-ce", shape),
+        f"train_error_saes/hook={hook}": step_resources(cfg, "train-error-saes", shape, hook=hook),
+        "build_database/": step_resources(cfg, "build-database", shape),
+    }
+    for job, want in expected.items():
+        got = _resources(jobs[job])
+        assert {k: int(got[k]) for k in want} == want, job
+    assert jobs["harvest/split=train"]["threads"] == "16" and "threads" not in jobs["render_report/"]
+    assert jobs[f"train_sae/hook={hook}, sae_id=topk-w16384-k32-s0"]["benchmark"] == (
+        f"results/default/benchmarks/train_sae/{hook}/topk-w16384-k32-s0.tsv")
+    # the widest SAE trains longer and in more memory than the narrowest
+    narrow = _resources(jobs[f"train_sae/hook={hook}, sae_id=topk-w1024-k32-s0"])
+    wide = _resources(jobs[f"train_sae/hook={hook}, sae_id=topk-w16384-k32-s0"])
+    assert int(wide["mem_mb"]) > int(narrow["mem_mb"]) and int(wide["runtime"]) > int(narrow["runtime"])
+
+
+def test_slurm_profile_plans_as_a_global_profile(tmp_path):
+    """`--profile profiles/slurm` also plans, but profiles/default, which Snakemake loads by itself, still applies
+    on top of it (the workflow profile wins per key): its `cores: all`, here this machine's, sets every heavy job's
+    threads; light steps keep one."""
+    plan = _plan(["--profile", str(REPO / "profiles" / "slurm")], tmp_path)
+    assert "profiles/slurm" in plan and "profiles/default" in plan
+    jobs = _jobs(plan)
+    assert len(jobs) == 51  # 50 jobs and `all`, as the Job stats table counts them
+    assert int(jobs["harvest/split=eval"].get("threads", 1)) == os.cpu_count()
+    assert "threads" not in jobs["build_database/"]
+
+
+def _stand_in_conda(root: Path) -> dict[str, str]:
+    """A `conda` that answers Snakemake's checks and "creates" each environment as a folder whose `python` logs
+    the PYTHONPATH it sees, then runs this interpreter (which has the dependencies); the environment for it."""
+    (root / "bin").mkdir(parents=True)
+    files = {
+        "bin/conda": f"""#!/bin/sh
+            case "$1" in
+              --version) echo 'conda 24.11.0';;
+              info) echo '{{"conda_prefix": "{root}", "root_prefix": "{root}", "envs_dirs": ["{root}/envs"],
+                           "platform": "linux-64"}}';;
+              config) echo '{{"get": {{"channel_priority": "strict"}}}}';;
+              env) prev=""; for a in "$@"; do
+                     if [ "$prev" = "--prefix" ]; then mkdir -p "$a/bin"; cp "{root}/python" "$a/bin/python"; fi
+                     prev="$a"; done;;
+              clean) ;;
+              *) exit 1;;
+            esac
+            """,
+        "bin/activate": 'export PATH="$1/bin:$PATH"\n',
+        "python": f"""#!/bin/sh
+            echo "PYTHONPATH=$PYTHONPATH python=$0" >> "{root}/python.log"
+            exec "{sys.executable}" "$@"
+            """,
+    }
+    for name, text in files.items():
+        (root / name).write_text(textwrap.dedent(text))
+        (root / name).chmod(0o755)
+    return os.environ | {"PATH": f"{root / 'bin'}:{os.environ['PATH']}"}
+
+
+def test_conda_deployment_runs_the_environments_interpreter(tmp_path):
+    """With --sdm conda the jobs call `python` (the activated environment's) with the workflow's checkout on
+    PYTHONPATH and, without it, this interpreter by its absolute path. A stand-in conda: no real one needed."""
+    env = _stand_in_conda(tmp_path / "conda")
+    base = [*SNAKEMAKE, "-p", "--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--configfile",
+            str(REPO / "config" / "smoke.yaml")]
+    commands = {}
+    for sdm in ([], ["--sdm", "conda"]):
+        res = subprocess.run([*base, "-n", *sdm, "--directory", str(tmp_path / f"run{len(sdm)}")], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        commands[bool(sdm)] = [line.split(": ", 1)[1] for line in (res.stdout + res.stderr).splitlines()
+                               if line.startswith("Shell command: ") and line != "Shell command: None"]
+    host = str(Path(sys.prefix) / "bin" / "python3")
+    assert len(commands[False]) == len(commands[True]) > 30
+    assert [c for c in commands[False] if not c.startswith(f"{host} -m ")] == []
+    assert [c for c in commands[True] if not c.startswith("python -m ")] == []
+    # One job for real: Snakemake drops the caller's PYTHONPATH for conda jobs; the rule sets the checkout's.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(tmp_path / "elsewhere")]))
+    run = tmp_path / "run2"
+    res = subprocess.run([*base, "--sdm", "conda", "--directory", str(run), "results/smoke/model/model.json"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (line,) = (tmp_path / "conda" / "python.log").read_text().splitlines()
+    assert line.startswith(f"PYTHONPATH={REPO} python={run / '.snakemake' / 'conda'}"), line
+    assert json.loads((run / "results" / "smoke" / "model" / "model.json").read_text())["d_model"] == 64
 
 
 def test_lint_is_clean():
@@ -136,6 +268,12 @@ def test_smoke_workflow_end_to_end(tmp_path):
         summary = json.loads((results / "analyses" / name / "summary.json").read_text())
         numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         assert numbers, name
+    # every heavy job's benchmark: one row with its wall time and peak memory
+    for bench in [results / "benchmarks" / "harvest" / "train.tsv", results / "benchmarks" / "measure_ce.tsv",
+                  results / "benchmarks" / "train_sae" / primary[0].hook / f"{primary[0].sae_id}.tsv"]:
+        rows = bench.read_text().splitlines()
+        header, values = rows[0].split("\t"), rows[1].split("\t")
+        assert len(rows) == 2 and float(values[header.index("s")]) > 0 and float(values[header.index("max_rss")]) > 0
     index = (tmp_path / "reports" / "smoke" / "index.html").read_text()
     assert all(f'id="analysis-{name}"' in index for name in cfg.analysis.names)
     assert (tmp_path / "reports" / "smoke" / "browser.html").is_file()

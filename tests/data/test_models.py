@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from darkmatter.config import ConfigError
+from darkmatter.config import ConfigError, ModelConfig
 from darkmatter.data.harvest import capture
 from darkmatter.data.models import (
     ModelError,
@@ -19,6 +19,7 @@ from darkmatter.data.models import (
     load_model,
     locate_embedded_gguf,
 )
+from darkmatter.resources import ModelShape, model_shape
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -83,6 +84,9 @@ def test_embedded_gguf_converts_to_a_working_smollm2(tmp_path):
     out = convert_embedded(tmp_path / "smollm2")
     model, tok = load_model(str(out))
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    c = model.config  # the shape that sizes the workflow's jobs (darkmatter.resources) without loading it
+    assert model_shape(ModelConfig()) == ModelShape(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                                                    c.intermediate_size, c.vocab_size)
     assert tok.bos_token_id == 1 and tok.eos_token_id == 2
     text = (
         "The Congress of the United States met in Washington to hear the President deliver his annual message "

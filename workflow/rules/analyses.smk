@@ -19,6 +19,8 @@ rule run_analysis:
         py=PY,
         analysis=lambda wildcards: step_params(EXP, "run-analysis", wildcards.name),
     threads: 1
+    resources:
+        **resources_of("run-analysis"),
     conda:
         "../envs/darkmatter.yaml"
     log:

@@ -7,6 +7,9 @@ rule prepare_model:
     params:
         py=PY,
         model=step_params(EXP, "prepare-model"),
+    threads: 1
+    resources:
+        **resources_of("prepare-model"),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -23,6 +26,9 @@ rule prepare_corpus:
     params:
         py=PY,
         corpus=step_params(EXP, "prepare-corpus"),
+    threads: 1
+    resources:
+        **resources_of("prepare-corpus"),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -42,6 +48,10 @@ rule harvest:
         py=PY,
         harvest=lambda wildcards: step_params(EXP, f"harvest-{wildcards.split}"),
     threads: CORES
+    resources:
+        **resources_of("harvest"),
+    benchmark:
+        str(P.benchmark("harvest", "{split}")),
     conda:
         "../envs/darkmatter.yaml"
     log:

@@ -16,6 +16,10 @@ rule measure_ce:
         hook=EXP.primary_hook,
         tokens=str(P.tokens("eval")),
     threads: CORES
+    resources:
+        **resources_of("measure-ce"),
+    benchmark:
+        str(P.benchmark("measure_ce")),
     conda:
         "../envs/darkmatter.yaml"
     log:

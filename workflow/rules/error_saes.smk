@@ -17,6 +17,10 @@ rule train_error_saes:
         py=PY,
         training=step_params(EXP, "train-error-saes"),
     threads: CORES
+    resources:
+        **resources_of("train-error-saes"),
+    benchmark:
+        str(P.benchmark("train_error_saes", "{hook}")),
     conda:
         "../envs/darkmatter.yaml"
     log:

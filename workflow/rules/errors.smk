@@ -13,6 +13,10 @@ rule measure_errors:
         py=PY,
         decomposition=step_params(EXP, "measure-errors"),
     threads: CORES
+    resources:
+        **resources_of("measure-errors"),
+    benchmark:
+        str(P.benchmark("measure_errors", "{hook}")),
     conda:
         "../envs/darkmatter.yaml"
     log:

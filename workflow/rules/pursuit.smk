@@ -13,6 +13,10 @@ rule pursue:
         py=PY,
         pursuit=step_params(EXP, "pursue"),
     threads: CORES
+    resources:
+        **resources_of("pursue"),
+    benchmark:
+        str(P.benchmark("pursue", "{hook}", "{sae_id}")),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -35,6 +39,10 @@ rule measure_pursuit:
         py=PY,
         decomposition=step_params(EXP, "measure-pursuit"),
     threads: CORES
+    resources:
+        **resources_of("measure-pursuit"),
+    benchmark:
+        str(P.benchmark("measure_pursuit", "{hook}")),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -59,6 +67,10 @@ rule measure_pursuit_ce:
         hook=EXP.primary_hook,
         tokens=str(P.tokens("eval")),
     threads: CORES
+    resources:
+        **resources_of("measure-pursuit-ce"),
+    benchmark:
+        str(P.benchmark("measure_pursuit_ce")),
     conda:
         "../envs/darkmatter.yaml"
     log:

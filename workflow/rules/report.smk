@@ -15,6 +15,9 @@ rule render_report:
         py=PY,
         config=step_params(EXP, "render-report"),
         analyses=REPORT_ANALYSES,
+    threads: 1
+    resources:
+        **resources_of("render-report"),
     conda:
         "../envs/darkmatter.yaml"
     log:

@@ -16,6 +16,10 @@ rule train_sae:
         py=PY,
         training=step_params(EXP, "train-sae"),
     threads: CORES
+    resources:
+        **resources_of("train-sae"),
+    benchmark:
+        str(P.benchmark("train_sae", "{hook}", "{sae_id}")),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -38,6 +42,8 @@ rule import_sae:
     params:
         py=PY,
         source=lambda w: SOURCE_OF[(w.hook, w.sae_id)],
+    resources:
+        **resources_of("import-sae"),
     conda:
         "../envs/darkmatter.yaml"
     log:
@@ -57,6 +63,10 @@ rule encode_sae:
         py=PY,
         encode=step_params(EXP, "encode-sae"),
     threads: CORES
+    resources:
+        **resources_of("encode-sae"),
+    benchmark:
+        str(P.benchmark("encode_sae", "{hook}", "{sae_id}")),
     conda:
         "../envs/darkmatter.yaml"
     log:

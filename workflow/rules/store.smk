@@ -16,6 +16,9 @@ rule build_database:
     params:
         py=PY,
         store=step_params(EXP, "build-database"),
+    threads: 1
+    resources:
+        **resources_of("build-database"),
     conda:
         "../envs/darkmatter.yaml"
     log:
