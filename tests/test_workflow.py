@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,17 @@ def test_slurm_profile_plans_with_each_jobs_resources(tmp_path):
     narrow = _resources(jobs[f"train_sae/hook={hook}, sae_id=topk-w1024-k32-s0"])
     wide = _resources(jobs[f"train_sae/hook={hook}, sae_id=topk-w16384-k32-s0"])
     assert int(wide["mem_mb"]) > int(narrow["mem_mb"]) and int(wide["runtime"]) > int(narrow["runtime"])
+
+
+def test_gemma_config_plans_on_slurm(tmp_path):
+    """config/gemma-2-2b.yaml (Gemma Scope SAEs through SAELens, a corpus streamed from the hub) plans with the
+    SLURM profile without the network: every SAE is imported, only the error-component SAEs train."""
+    plan = _plan(["--workflow-profile", str(REPO / "profiles" / "slurm"),
+                  "--configfile", str(REPO / "config" / "gemma-2-2b.yaml")], tmp_path)
+    rules = Counter(job["rule"] for job in _jobs(plan).values())
+    # 6 widths + 5 L0s sharing the 16k L0-22 SAE, and the previous layer's
+    assert (rules["import_sae"], rules["train_sae"], rules["train_error_saes"]) == (11, 0, 1)
+    assert rules["encode_sae"] == rules["pursue"] == 11 and rules["measure_errors"] == 2
 
 
 def test_slurm_profile_plans_as_a_global_profile(tmp_path):
