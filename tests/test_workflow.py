@@ -13,12 +13,13 @@ from darkmatter.config import load_config
 from darkmatter.sae.families import expand_families, widest
 from darkmatter.store.build import connect
 from tests.helpers import REPO
+from tests.test_security import guarded_env
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def _run(args: list[str], cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("configfile", [None, "config/smoke.yaml"])
@@ -69,8 +70,11 @@ def test_cli_bad_model_path_is_one_line_and_leaves_nothing(tmp_path):
 def test_smoke_workflow_end_to_end(tmp_path):
     args = [*SNAKEMAKE, "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
             "--configfile", str(REPO / "config" / "smoke.yaml")]
-    res = _run(args, timeout=900)
+    # every Python process of the run (Snakemake and each step) refuses and logs any network access
+    net_log = tmp_path / "network_attempts.log"
+    res = _run(args, timeout=900, env=guarded_env(net_log))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert not net_log.exists(), net_log.read_text()  # no step tried to reach the network
     results = tmp_path / "results" / "smoke"
     cfg = load_config(REPO / "config" / "smoke.yaml")
     for split in ("train", "eval"):
