@@ -237,6 +237,24 @@ def test_corpus_with_invalid_utf8(tmp_path, prepare_corpus):
     assert_nothing_written(out)
 
 
+def test_corpus_jsonl_with_a_non_string_text(tmp_path, prepare_corpus):
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"text": 5}\n')
+    line, out = prepare_corpus([jsonl])
+    assert line == f"error: {jsonl}: line 2 is not a JSON object with a string field 'text'."
+    assert_nothing_written(out)
+
+
+def test_missing_input_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "model" / "model.json"  # the OS's own FileNotFoundError (errno 2)
+    params = {"corpus": {}, "harvest": {"context_size": 64, "eval_contexts": 2, "train_tokens": 200,
+                                        "train_min_pos": 1}}
+    line = cli_error(["prepare-corpus", "--params", json.dumps(params), "--model", str(missing), "--out",
+                      str(tmp_path / "c")], capsys)
+    assert line == f"error: [Errno 2] No such file or directory: '{missing}'"
+    assert_nothing_written(tmp_path / "c")
+
+
 def test_corpus_with_only_empty_documents(tmp_path, prepare_corpus):
     jsonl = tmp_path / "empty.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t}) for t in ("", "   ", "\n\n")) + "\n")
@@ -359,7 +377,7 @@ def test_second_snakemake_run_on_one_experiment_is_refused(tmp_path):
         second = subprocess.run(args, capture_output=True, text=True, timeout=120)
         assert first.poll() is None  # the first run was still going: the two really overlapped
     finally:
-        os.killpg(first.pid, signal.SIGTERM)  # the first run's process group: only what this test started
+        os.killpg(first.pid, signal.SIGKILL)  # the first run's own process group: only what this test started
         first.wait(timeout=60)
     out = second.stdout + second.stderr
     assert second.returncode != 0
