@@ -18,8 +18,20 @@ from tests.test_security import guarded_env
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def _run(args: list[str], cwd=REPO, timeout=600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+def _run(args: list[str], cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """Every Python process the test starts (Snakemake and each step it runs) refuses and logs any network access
+    (tests/netguard); afterwards the log must not exist."""
+    log = tmp_path / "network_attempts.log"
+    env = guarded_env(log)
+    for key in ("PYTHONPATH", "DARKMATTER_NETGUARD_LOG"):
+        monkeypatch.setenv(key, env[key])
+    yield log
+    assert not log.exists(), log.read_text()  # no step tried to reach the network
 
 
 @pytest.mark.parametrize("configfile", [None, "config/smoke.yaml"])
@@ -67,14 +79,12 @@ def test_cli_bad_model_path_is_one_line_and_leaves_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_network")
 def test_smoke_workflow_end_to_end(tmp_path):
     args = [*SNAKEMAKE, "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
             "--configfile", str(REPO / "config" / "smoke.yaml")]
-    # every Python process of the run (Snakemake and each step) refuses and logs any network access
-    net_log = tmp_path / "network_attempts.log"
-    res = _run(args, timeout=900, env=guarded_env(net_log))
+    res = _run(args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert not net_log.exists(), net_log.read_text()  # no step tried to reach the network
     results = tmp_path / "results" / "smoke"
     cfg = load_config(REPO / "config" / "smoke.yaml")
     for split in ("train", "eval"):

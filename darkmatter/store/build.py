@@ -61,7 +61,7 @@ def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
         for name, frame in frames.items():
             con.register(f"{name}_frame", frame.to_arrow())
             con.execute(f"INSERT INTO {name} SELECT * FROM {name}_frame")
-        try:  # a truncated or foreign shard: DuckDB's message names the file
+        try:  # a truncated or foreign shard is named below (DuckDB's error does not always name it)
             if token_error_shards:
                 files = [str(p) for p in token_error_shards]
                 con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])
