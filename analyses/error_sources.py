@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import torch
-from safetensors.torch import load_file
 
 from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
@@ -26,6 +25,7 @@ from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.stats import r2_interval
 from darkmatter.analysis.verdict import Verdict, from_answer
 from darkmatter.config import hook_layer
+from darkmatter.io import load_safetensors
 from darkmatter.regression import Design, LazyRows, group_test_sums, stream_moments
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _targets(ctx: AnalysisContext, base: dict, x: np.ndarray) -> LazyRows:
     from darkmatter.errors.measure import LINEAR_MAP
 
     codes = ctx.codes(base["hook"], base["sae_id"])
-    lin = load_file(str(ctx.paths.sae_errors(base["hook"], base["sae_id"]) / LINEAR_MAP))
+    lin = load_safetensors(ctx.paths.sae_errors(base["hook"], base["sae_id"]) / LINEAR_MAP)
     coef, b0 = lin["coef"].float(), lin["intercept"].float()
 
     def get(sl: slice) -> torch.Tensor:

@@ -57,7 +57,14 @@ def ours_opened_by_saelens(folder: Path, gen: torch.Generator) -> dict[str, dict
 
 
 def saelens_opened_by_ours(folder: Path, gen: torch.Generator) -> dict[str, dict]:
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     out = {}
     for name, sae in (("topk", TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))),

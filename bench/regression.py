@@ -106,10 +106,10 @@ def build_cache(args: argparse.Namespace) -> None:
 
 def load(n: int | None, n_saes: int) -> tuple[np.ndarray, list[SparseCodes]]:
     """x and the SAE codes of the first n tokens, copied into RAM (not memmaps: RSS must not count page cache)."""
-    x = np.array(np.load(CACHE / "x.npy", mmap_mode="r")[:n])
+    x = np.array(np.load(CACHE / "x.npy", mmap_mode="r", allow_pickle=False)[:n])
     saes = []
     for i in range(n_saes):
-        with np.load(CACHE / f"sae{i}.npz") as z:
+        with np.load(CACHE / f"sae{i}.npz", allow_pickle=False) as z:
             saes.append(SparseCodes(np.array(z["idx"][:n]), np.array(z["val"][:n]), z["W_dec"], z["b_dec"]))
     return x, saes
 

@@ -68,7 +68,7 @@ def load_data(rows: int) -> tuple[np.ndarray, str]:
         info = json.loads(meta.read_text())
         for hook, d in info["d_model"].items():
             if d == D_IN and info["rows"] >= rows:
-                arr = np.load(meta.parent / f"{hook}.npy", mmap_mode="r")
+                arr = np.load(meta.parent / f"{hook}.npy", mmap_mode="r", allow_pickle=False)
                 return np.ascontiguousarray(arr[:rows]), f"{meta.parent}/{hook}.npy"
     gen = torch.Generator().manual_seed(0)
     atoms = torch.nn.functional.normalize(torch.randn(8192, D_IN, generator=gen), dim=1)

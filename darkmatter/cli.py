@@ -9,16 +9,18 @@ or unreadable file) ends with one line on stderr and exit code 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from darkmatter.io import InputError, atomic_dir, read_json, write_json
+from darkmatter.io import InputError, atomic_dir, load_npy, read_json, write_json
 from darkmatter.paths import ExperimentPaths
 
 log = logging.getLogger("darkmatter")
@@ -96,7 +98,7 @@ def cmd_harvest(args: argparse.Namespace) -> None:
     split = args.split
     model_info = read_json(args.model)
     model, _ = load_model(model_info["path"], model_info.get("revision"))
-    tokens = np.load(Path(args.corpus) / f"{split}_tokens.npy")
+    tokens = load_npy(Path(args.corpus) / f"{split}_tokens.npy")
     spec = HarvestSpec(
         hooks=cfg.hooks,
         min_pos=cfg.min_pos if split == "eval" else cfg.train_min_pos,
@@ -355,19 +357,35 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     handler = globals()["cmd_" + args.command.replace("-", "_")]
+    exit_on_user_error(lambda: handler(args), getattr(args, "out", None))
+
+
+def exit_on_user_error(step: Callable[[], object], out: str | None = None) -> None:
+    """Run ``step``; a known failure (bad config, missing or unreadable input, full disk) ends the process with one
+    ``error: …`` line on stderr and exit code 2 instead of a traceback. ``out``: what the step writes (named when
+    the disk fills). Anything else is a bug and keeps its traceback."""
     try:
-        handler(args)
-    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
-        # Known failures (bad config, missing or unreadable files) become one line instead of a traceback.
+        step()
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        from tqdm.auto import tqdm
+
         from darkmatter.config import ConfigError
         from darkmatter.data.corpus import CorpusError
         from darkmatter.data.models import ModelError
         from darkmatter.sae.formats import SaeFormatError
         from darkmatter.store.build import StoreError
 
+        for bar in list(getattr(tqdm, "_instances", ())):  # an open progress bar ends its line: ours starts one
+            bar.close()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = e.filename or out or "the step's output"
+            print(f"error: no space left on the device while writing {where}; free some space and rerun "
+                  "(nothing was written under the final name).", file=sys.stderr)
+            sys.exit(2)
         if isinstance(e, (ConfigError, CorpusError, InputError, ModelError, SaeFormatError, StoreError,
-                          FileNotFoundError, KeyError)):
-            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+                          FileNotFoundError, PermissionError, KeyError)):
+            # str() of an OSError raised by the system carries its errno text and file name
+            print(f"error: {e if isinstance(e, OSError) or not e.args else e.args[0]}", file=sys.stderr)
             sys.exit(2)
         raise
 

@@ -16,6 +16,20 @@ class InputError(ValueError):
     """An input (file, array, SAE) does not fit what the step expects; the message names it and what was expected."""
 
 
+def check_finite(rows: Any, start: int, where: str, ids: Any = None) -> None:
+    """Raise InputError naming the first row of ``rows`` [n, d] (an array or a CPU tensor; rows ``start``, ``start``
+    + 1, … of ``where``, or the row numbers ``ids``) that holds a NaN or an infinity. A NaN would otherwise flow
+    silently into every code, metric and fit after it; the steps call this on rows they read anyway (one cheap
+    pass)."""
+    import numpy as np
+
+    finite = np.isfinite(np.asarray(rows)).all(1)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        row = int(ids[first]) if ids is not None else start + first
+        raise InputError(f"{where}: row {row} holds NaN or infinite values; expected finite activations.")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``final``; on success it replaces ``final`` in one rename.
@@ -66,4 +80,53 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable JSON file ({e}); rerun the step that writes it.") from None
+
+
+# Readers of the binary formats a step consumes. A truncated or corrupted file (a killed copy, a full disk, a
+# foreign file under an expected name) raises InputError naming it, instead of the format library's own message,
+# which never names the file. A missing file stays FileNotFoundError.
+
+
+def load_npy(path: Path, mmap: bool = False) -> Any:
+    """A ``.npy`` array (memmapped read-only with ``mmap``); never unpickles (``allow_pickle=False``)."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:  # np.load takes any other file for a pickle and says so, misleadingly
+            if f.read(6) != b"\x93NUMPY":
+                raise InputError(f"{path}: not a .npy array (no NumPy header); rerun the step that writes it.")
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (FileNotFoundError, InputError):
+        raise
+    except (ValueError, EOFError, OSError) as e:
+        raise InputError(f"{path}: not a readable .npy array ({e}); rerun the step that writes it.") from None
+
+
+def load_safetensors(path: Path, device: str = "cpu", numpy: bool = False) -> dict[str, Any]:
+    """The tensors of a ``.safetensors`` file (torch tensors on ``device``; numpy arrays with ``numpy``)."""
+    from safetensors import SafetensorError
+    from safetensors import numpy as st_numpy
+    from safetensors import torch as st_torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    try:
+        return st_numpy.load_file(str(path)) if numpy else st_torch.load_file(str(path), device=device)
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: not a readable .safetensors file ({e}); rerun the step that writes it.") from None
+
+
+def read_parquet(path: Path, **kwargs: Any) -> Any:
+    """A Parquet file as a polars DataFrame (``kwargs``: e.g. ``columns``)."""
+    import polars as pl
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    try:
+        return pl.read_parquet(path, **kwargs)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e}); rerun the step that writes it.") from None

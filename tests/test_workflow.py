@@ -21,12 +21,25 @@ from darkmatter.sae.families import expand_families, widest
 from darkmatter.sae.model import Sae, default_cfg, save_sae
 from darkmatter.store.build import connect
 from tests.helpers import REPO
+from tests.test_security import guarded_env
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def _run(args: list[str], cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """Every Python process the test starts (Snakemake and each step it runs) refuses and logs any network access
+    (tests/netguard); afterwards the log must not exist."""
+    log = tmp_path / "network_attempts.log"
+    env = guarded_env(log)
+    for key in ("PYTHONPATH", "DARKMATTER_NETGUARD_LOG"):
+        monkeypatch.setenv(key, env[key])
+    yield log
+    assert not log.exists(), log.read_text()  # no step tried to reach the network
 
 
 @pytest.mark.parametrize("configfile", [None, "config/smoke.yaml"])
@@ -235,6 +248,7 @@ def write_pretrained(root) -> dict[str, tuple[str, int, int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_network")
 def test_smoke_workflow_end_to_end(tmp_path):
     """The smoke experiment plus a family of SAEs trained elsewhere (one per format), to the report."""
     imported = write_pretrained(tmp_path / "pretrained")

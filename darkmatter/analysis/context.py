@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from darkmatter.config import AnalysisConfig, DecompositionConfig, ExperimentConfig, from_dict, to_dict
+from darkmatter.io import load_npy
 from darkmatter.paths import ExperimentPaths
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class AnalysisContext:
         """bool [rows]: the fit rows of the stored decomposition of ``hook``."""
         from darkmatter.errors.measure import SPLIT
 
-        return np.load(self.paths.errors(hook) / SPLIT)
+        return load_npy(self.paths.errors(hook) / SPLIT)
 
     def design(self, hook: str, intercept: bool | None = None, ridge: float | None = None):
         """The factorised x design of the stored decomposition (its fit and test moments), no pass over x."""

@@ -103,9 +103,14 @@ def run_cli(module: ModuleType, argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    paths, name = ExperimentPaths.from_database(args.db), module_name(module)
-    run(module, AnalysisContext(paths, json.loads(args.params), name),
-        Path(args.out) if args.out else paths.analysis(name))
+    from darkmatter.cli import exit_on_user_error
+
+    def step() -> None:
+        paths, name = ExperimentPaths.from_database(args.db), module_name(module)
+        run(module, AnalysisContext(paths, json.loads(args.params), name),
+            Path(args.out) if args.out else paths.analysis(name))
+
+    exit_on_user_error(step, args.out)
 
 
 def load_outputs(folder: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from darkmatter.config.sections import ExperimentConfig, ModelConfig
 
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out)$")
 EMBEDDED_N_LAYERS = 30
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # experiment and family names: file names, never paths
 
 
 def hook_layer(hook: str) -> int:
@@ -54,8 +55,9 @@ def _require(cond: bool, where: str, key: str, expected: str, value: Any) -> Non
 def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     """Check values that types alone cannot: ranges, cross-field constraints, hooks against the model."""
     h, c, t, m = cfg.harvest, cfg.corpus, cfg.training, cfg.model
-    _require(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name) is not None, where, "name",
-             "letters, digits, '_', '-' or '.'", cfg.name)
+    # the name is a folder (results/<name>, reports/<name>): never '..', a hidden folder or a path
+    _require(NAME_RE.fullmatch(cfg.name) is not None, where, "name",
+             "letters, digits, '_', '-' or '.', not starting with '.'", cfg.name)
     _require(m.source != "local" or bool(m.path), where, "model.path", "a folder when model.source is 'local'", m.path)
     for key in ("n_layers", "d_model", "n_heads", "d_ff"):
         _require(getattr(m.random, key) >= 1, where, f"model.random.{key}", ">= 1", getattr(m.random, key))
@@ -173,6 +175,8 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
 
     for i, fam in enumerate(cfg.families):
         p = f"families[{i}]"
+        _require(NAME_RE.fullmatch(fam.name) is not None, where, f"{p}.name",  # it names figure files
+                 "letters, digits, '_', '-' or '.', not starting with '.'", fam.name)
         _require(fam.architecture in ARCHITECTURES, where, f"{p}.architecture", f"one of {', '.join(ARCHITECTURES)}",
                  fam.architecture)
         _require(fam.hook is None or fam.hook in h.hooks, where, f"{p}.hook", "one of harvest.hooks", fam.hook)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from darkmatter.io import read_json
+from darkmatter.io import load_npy, read_json, read_parquet
 
 
 class ActivationStore:
@@ -38,10 +38,10 @@ class ActivationStore:
         """float32 memmap [rows, d_model] (read-only)."""
         if hook not in self.hooks:
             raise KeyError(f"{self.folder} has no activations for hook {hook!r}; it has {self.hooks}.")
-        return np.load(self.folder / f"{hook}.npy", mmap_mode="r")
+        return load_npy(self.folder / f"{hook}.npy", mmap=True)
 
     def index(self) -> pl.DataFrame:
-        return pl.read_parquet(self.folder / "index.parquet")
+        return read_parquet(self.folder / "index.parquet")
 
 
 def contexts_for_tokens(n_tokens: int, context_size: int, min_pos: int) -> int:

@@ -80,17 +80,33 @@ def pydoc_documents() -> Iterator[Document]:
 
 def file_documents(path: Path, text_field: str) -> Iterator[Document]:
     """Documents from a .txt file (one document), .jsonl (one per line) or .parquet (one per row)."""
+    try:
+        yield from _file_documents(path, text_field)
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: byte {e.start} is not valid UTF-8; expected a UTF-8 text file.") from None
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise CorpusError(f"{path}: not a readable {path.suffix} file ({str(e).splitlines()[0]}).") from None
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
     if path.suffix == ".txt":
         yield Document(f"{path.name}", path.read_text(encoding="utf-8"))
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f):
+                try:  # line by line: a text-mode reader would report the offset within its buffer
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"{path}: line {i + 1} is not valid UTF-8 (byte {e.start} of the line); "
+                                      "expected a UTF-8 text file.") from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                     text = row[text_field]
                 except (json.JSONDecodeError, KeyError, TypeError):
+                    text = None
+                if not isinstance(text, str):  # a number or null would fail later, far from its line
                     raise CorpusError(
                         f"{path}: line {i + 1} is not a JSON object with a string field '{text_field}'."
                     ) from None
@@ -99,8 +115,10 @@ def file_documents(path: Path, text_field: str) -> Iterator[Document]:
         frame = pl.read_parquet(path)
         if text_field not in frame.columns:
             raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(frame.columns)}).")
+        if frame.schema[text_field] != pl.String:
+            raise CorpusError(f"{path}: column '{text_field}' is {frame.schema[text_field]}, expected strings.")
         for i, text in enumerate(frame[text_field].to_list()):
-            yield Document(f"{path.name}/{i}", text)
+            yield Document(f"{path.name}/{i}", text or "")  # a null row is an empty document
 
 
 def hf_documents(name: str, split: str, text_field: str, config: str | None = None,
@@ -187,6 +205,8 @@ def split_documents(cfg: CorpusConfig) -> dict[str, list[Document]]:
     splits, n = split_block(corpus_documents(cfg), cfg.eval_fraction, cfg.seed)
     if n == 0:
         raise CorpusError(f"the corpus {list(cfg.sources)} contains no documents.")
+    if not splits["train"] and not splits["eval"]:
+        raise CorpusError(f"the corpus {list(cfg.sources)} contains only empty documents ({n}); expected text.")
     return splits
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from darkmatter.data.models import hook_module, logits_from_hidden, output_tensor
-from darkmatter.io import read_json, write_json
+from darkmatter.io import load_npy, read_json, write_json
 from darkmatter.precision import autocast
 from darkmatter.provenance import write_provenance
 
@@ -107,7 +107,7 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
     stores: dict[str, _RowWriter] = {}
     losses = np.full((n_ctx, keep), np.nan, dtype=np.float32)
     if done and spec.with_loss:
-        losses[:done] = np.load(partial / "loss.npy")[:done]
+        losses[:done] = load_npy(partial / "loss.npy")[:done]
 
     bar = tqdm(total=n_ctx * ctx, initial=done * ctx, unit="tok", unit_scale=True, disable=not progress,
                desc=f"harvest {out.name}")
@@ -136,7 +136,7 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
         bar.close()
         for w in stores.values():
             w.close()
-    d_models = {hook: np.load(partial / f"{hook}.npy", mmap_mode="r").shape[1] for hook in spec.hooks}
+    d_models = {hook: load_npy(partial / f"{hook}.npy", mmap=True).shape[1] for hook in spec.hooks}
 
     positions = np.arange(spec.min_pos, ctx, dtype=np.int32)
     index = pl.DataFrame({

@@ -32,6 +32,7 @@ from darkmatter.downstream.splice import (
     splice_losses,
     zero_ablation,
 )
+from darkmatter.io import load_npy, load_safetensors, read_parquet
 from darkmatter.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def context_subset(documents: Sequence[str], n: int, seed: int) -> np.ndarray:
 def context_documents(contexts_parquet: Path, n_contexts: int) -> np.ndarray:
     """Each eval context's document id (the corpus step's {split}_contexts.parquet; a context without one is its
     own document)."""
-    table = pl.read_parquet(contexts_parquet, columns=["context", "doc_id"])
+    table = read_parquet(contexts_parquet, columns=["context", "doc_id"])
     docs = dict(zip(table["context"].to_list(), table["doc_id"].to_list(), strict=True))
     return np.array([docs.get(c) or f"context {c}" for c in range(n_contexts)], dtype=object)
 
@@ -178,7 +179,6 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
                          autocast_bf16: bool = False, params: Any = None) -> None:
     """The ``measure_ce`` step: load the model, the SAEs and their linear maps (``errors`` = the hook's folder of
     darkmatter.errors.measure); write token_ce.parquet + summary.parquet into ``out``."""
-    from safetensors.torch import load_file
 
     from darkmatter.data.models import load_model
     from darkmatter.errors.measure import DESIGN, LINEAR_MAP
@@ -187,14 +187,14 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
 
     started = time.time()
     model, _ = load_model(model_path)
-    tokens = np.load(tokens_path)
+    tokens = load_npy(tokens_path)
     design = load_moments(Path(errors) / DESIGN)
     # mean ablation: the eval mean of x over the scored positions, from the decomposition's float64 x moments
     mean = torch.from_numpy((design["fit"] + design["test"]).mean.astype(np.float32))
     saes = {}
     for sae_dir in sae_dirs:
         sae_id = Path(sae_dir).name
-        sae, lin = load_sae(sae_dir), load_file(str(Path(errors) / sae_id / LINEAR_MAP))
+        sae, lin = load_sae(sae_dir), load_safetensors(Path(errors) / sae_id / LINEAR_MAP)
         saes[sae_id] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
     chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
     table = measure_ce(model, tokens, chosen, hook, min_pos, conditions(saes, mean), batch_contexts=batch_contexts,
@@ -216,7 +216,7 @@ def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: st
 
     started = time.time()
     model, _ = load_model(model_path)
-    tokens = np.load(tokens_path)
+    tokens = load_npy(tokens_path)
     fn = pursuit_reconstruction(load_sae(sae_dir), l0_multiple=l0_multiple, l0=l0)
     chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
     table = measure_ce(model, tokens, chosen, hook, min_pos, {f"{Path(sae_dir).name}|pursuit": _flat(fn)},

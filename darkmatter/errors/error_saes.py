@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from darkmatter.config import SaeTrainingConfig
-from darkmatter.io import atomic_dir, write_json
+from darkmatter.io import atomic_dir, load_safetensors, write_json
 from darkmatter.provenance import write_provenance
 from darkmatter.regression import LazyRows
 from darkmatter.sae.codes import save_codes, sparse_codes
@@ -64,7 +64,7 @@ class ErrorComponents:
     @classmethod
     def load(cls, sae: Sae, linear_map: str | Path) -> ErrorComponents:
         """From the SAE and its linear_map.safetensors (darkmatter.errors.measure)."""
-        lin = load_file(str(linear_map))
+        lin = load_safetensors(linear_map)
         return cls(sae, lin["coef"].float(), lin["intercept"].float())
 
     @torch.inference_mode()
@@ -207,4 +207,4 @@ def train_error_saes_to_folder(x_train: np.ndarray, x_eval: np.ndarray, contexts
 
 def load_sums(folder: str | Path) -> dict[str, np.ndarray]:
     """context_sums.safetensors of an error-SAE folder as float64 arrays."""
-    return {k: v.numpy() for k, v in load_file(str(Path(folder) / CONTEXT_SUMS)).items()}
+    return {k: v.numpy() for k, v in load_safetensors(Path(folder) / CONTEXT_SUMS).items()}

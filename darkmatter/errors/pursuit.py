@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from darkmatter.data.activations import ActivationStore
 from darkmatter.errors.measure import ROWS, load_saes, measure_reconstructions
-from darkmatter.io import InputError, read_json
+from darkmatter.io import InputError, load_npy, read_json
 from darkmatter.regression import split_mask
 from darkmatter.sae.codes import META, SparseCodes, load_codes, save_codes
 from darkmatter.sae.model import Sae
@@ -123,9 +123,9 @@ def measure_pursuit(saes: Sequence[str | Path], codes: Sequence[str | Path], pur
                          "of each per SAE.")
     store = ActivationStore(store_path)
     x_all = store.activations(hook)
-    rows = np.load(Path(pursuits[0]) / ROWS)
+    rows = load_npy(Path(pursuits[0]) / ROWS)
     for folder in pursuits[1:]:
-        if not np.array_equal(np.load(Path(folder) / ROWS), rows):
+        if not np.array_equal(load_npy(Path(folder) / ROWS), rows):
             raise InputError(f"{folder} pursued other eval rows than {pursuits[0]}; rerun the pursue steps with one "
                              "pursuit configuration.")
     models = load_saes(saes, x_all, f"{hook} in {store_path}")

@@ -361,9 +361,9 @@ def save_moments(path: str | Path, moments: dict[str, XMoments]) -> None:
 
 def load_moments(path: str | Path) -> dict[str, XMoments]:
     """The :class:`XMoments` written by :func:`save_moments`, by name."""
-    from safetensors.numpy import load_file
+    from darkmatter.io import load_safetensors
 
-    arrays = load_file(str(path))
+    arrays = load_safetensors(path, numpy=True)
     names = sorted({key.rsplit(".", 1)[0] for key in arrays})
     return {name: XMoments(int(arrays[f"{name}.n"][0]), arrays[f"{name}.shift"], arrays[f"{name}.sum"],
                            arrays[f"{name}.gram"]) for name in names}

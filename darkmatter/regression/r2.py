@@ -110,9 +110,9 @@ class GroupSums:
 
     @classmethod
     def load(cls, path: str | Path) -> GroupSums:
-        from safetensors.numpy import load_file
+        from darkmatter.io import load_safetensors
 
-        return cls(**load_file(str(path)))
+        return cls(**load_safetensors(path, numpy=True))
 
 
 class GroupSumsAccumulator:

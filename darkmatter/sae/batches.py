@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from darkmatter.io import check_finite
+
 CHUNK_ROWS = 1024  # ≈ one context of the default experiment; 2.3 MB per read at d_model 576
 
 
@@ -35,6 +37,7 @@ class ShuffledBatches:
             raise ValueError(f"training data must be [rows, d] with at least batch_size={batch_size} rows, "
                              f"got shape {tuple(data.shape)}.")
         self.data = data
+        self.where = getattr(data, "filename", None) or "the training activations"
         self.batch_size = batch_size
         self.seed = seed
         self.rows = data.shape[0]
@@ -52,6 +55,8 @@ class ShuffledBatches:
 
     def _load(self, epoch: int, index: int, chunks: list[int]) -> Tensor:
         parts = {c: np.asarray(self.data[c * CHUNK_ROWS : c * CHUNK_ROWS + self._chunk_len(c)]) for c in sorted(chunks)}
+        for c in chunks:  # a NaN row would turn the SAE into NaNs a few steps later
+            check_finite(parts[c], c * CHUNK_ROWS, self.where)
         buf = torch.from_numpy(np.concatenate([parts[c] for c in chunks]).astype(np.float32, copy=False))
         gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
         return buf[torch.randperm(buf.shape[0], generator=gen)]

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
+from darkmatter.io import InputError, load_safetensors
 from darkmatter.sae.architectures import ARCHITECTURES, architecture
 from darkmatter.sae.model import Sae
 
@@ -64,6 +64,10 @@ def _make_cfg(where: str, name: str, tensors: dict[str, Tensor], *, k: int | Non
         if t in tensors and tuple(tensors[t].shape) != shape:
             raise SaeFormatError(f"{where}: {t} has shape {tuple(tensors[t].shape)}, expected {shape} "
                                  f"(d_in={d_in}, d_sae={d_sae} from W_enc).")
+    # a diverged training or a corrupted file: every later number would silently be NaN
+    nonfinite = [t for t in required if not torch.isfinite(tensors[t]).all()]
+    if nonfinite:
+        raise SaeFormatError(f"{where}: tensors {nonfinite} hold NaN or infinite values; expected finite weights.")
     if ARCHITECTURES[name].selects_top_k and not (k is not None and 1 <= k <= d_sae):
         raise SaeFormatError(f"{where}: a {name} SAE needs k between 1 and d_sae={d_sae}, got {k!r}.")
     return {
@@ -78,6 +82,13 @@ def _float32(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
     """All tensors as contiguous float32 (analyses run in float32 at least); returns the source dtype too."""
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     return {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, "/".join(sorted(dtypes))
+
+
+def _load_weights(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_safetensors(path)
+    except InputError as e:
+        raise SaeFormatError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -151,7 +162,7 @@ def load_sparsify(folder: str | Path) -> Sae:
             raise SaeFormatError(f"{where}: sparsify option '{flag}' is not supported (only plain autoencoders).")
     if raw.get("activation", "topk") != "topk":
         raise SaeFormatError(f"{where}: sparsify activation {raw['activation']!r} is not supported (only 'topk').")
-    state = load_file(str(folder / SPARSIFY_WEIGHTS))
+    state = _load_weights(folder / SPARSIFY_WEIGHTS)
     if "W_skip" in state:
         raise SaeFormatError(f"{where}: a skip connection (W_skip) is not supported.")
     try:
@@ -269,7 +280,7 @@ def sae_from_saelens(raw: dict[str, Any], state: dict[str, Tensor], where: str) 
 def load_saelens(folder: str | Path) -> Sae:
     """An SAE from a SAELens-layout folder (``cfg.json`` + ``sae_weights.safetensors``), ours included."""
     folder = Path(folder)
-    return sae_from_saelens(_read_json(folder / "cfg.json"), load_file(str(folder / SAELENS_WEIGHTS)), str(folder))
+    return sae_from_saelens(_read_json(folder / "cfg.json"), _load_weights(folder / SAELENS_WEIGHTS), str(folder))
 
 
 def load_saelens_pretrained(release: str, sae_id: str) -> Sae:

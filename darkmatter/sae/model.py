@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from darkmatter.io import atomic_dir, read_json, write_json
+from darkmatter.io import atomic_dir, load_safetensors, read_json, write_json
 from darkmatter.sae.architectures import architecture
 
 CFG_FILE = "cfg.json"
@@ -218,4 +218,4 @@ def read_sae(folder: str | Path, device: str | torch.device = "cpu") -> Sae:
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} does not exist; expected an SAE folder with {CFG_FILE} and {WEIGHTS_FILE}.")
-    return Sae.from_tensors(read_json(cfg_path), load_file(str(weights_path), device=str(device))).to(device)
+    return Sae.from_tensors(read_json(cfg_path), load_safetensors(weights_path, device=str(device))).to(device)

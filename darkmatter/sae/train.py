@@ -46,12 +46,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from darkmatter.config import SaeTrainingConfig, stable_hash, to_dict
-from darkmatter.io import atomic_dir, read_json, write_json
+from darkmatter.io import atomic_dir, check_finite, load_safetensors, read_json, write_json
 from darkmatter.precision import resolve_precision
 from darkmatter.sae.batches import ShuffledBatches, derived_seed
 from darkmatter.sae.families import SaeSpec
@@ -106,7 +106,10 @@ def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-9) -> Tensor:
 def sample_rows(data: np.ndarray, n: int, gen: torch.Generator) -> Tensor:
     """A seeded random sample of min(n, rows) rows (read in ascending order from a memmap)."""
     idx = torch.randperm(data.shape[0], generator=gen)[: min(n, data.shape[0])].sort().values.numpy()
-    return torch.from_numpy(np.asarray(data[idx], dtype=np.float32))
+    rows = np.asarray(data[idx], dtype=np.float32)
+    # a NaN here would make the initial b_dec and input scale NaN before any batch is checked
+    check_finite(rows, 0, getattr(data, "filename", None) or "the training activations", ids=idx)
+    return torch.from_numpy(rows)
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ class Trainer:
         if meta.get("key") != self.key:
             log.warning("ignoring checkpoint %s: it belongs to another configuration", d)
             return False
-        tensors = load_file(str(d / "state.safetensors"))
+        tensors = load_safetensors(d / "state.safetensors")
         with torch.no_grad():
             self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
             for name, p in self.sae.named_parameters():

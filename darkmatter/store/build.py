@@ -20,7 +20,7 @@ from darkmatter.store.schema import TABLES, VIEWS, create_table_sql
 
 
 class StoreError(ValueError):
-    """A table handed to the store does not match the schema."""
+    """A table handed to the store does not match the schema, or the store file is unreadable."""
 
 
 def _check_columns(name: str, frame: pl.DataFrame) -> pl.DataFrame:
@@ -61,17 +61,35 @@ def build_database(path: str | Path, tokens: pl.DataFrame, saes: pl.DataFrame,
         for name, frame in frames.items():
             con.register(f"{name}_frame", frame.to_arrow())
             con.execute(f"INSERT INTO {name} SELECT * FROM {name}_frame")
-        if token_error_shards:
-            files = [str(p) for p in token_error_shards]
-            con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])
-        for method, shards in (pursuit_error_shards or {}).items():
-            if shards:
-                con.execute(f"INSERT INTO pursuit_errors SELECT ? AS method, {cols} FROM read_parquet(?)",
-                            [method, [str(p) for p in shards]])
+        try:  # a truncated or foreign shard is named below (DuckDB's error does not always name it)
+            if token_error_shards:
+                files = [str(p) for p in token_error_shards]
+                con.execute(f"INSERT INTO token_errors SELECT {cols} FROM read_parquet(?)", [files])
+            for method, shards in (pursuit_error_shards or {}).items():
+                if shards:
+                    con.execute(f"INSERT INTO pursuit_errors SELECT ? AS method, {cols} FROM read_parquet(?)",
+                                [method, [str(p) for p in shards]])
+        except duckdb.Error as e:
+            shards = [*token_error_shards, *(s for shards in (pursuit_error_shards or {}).values() for s in shards)]
+            bad = _first_unreadable(con, shards)
+            if bad is None:  # not a damaged file: a bug, keep DuckDB's own error
+                raise
+            raise StoreError(f"{bad}: not a readable Parquet file ({str(e).splitlines()[0]}); rerun the step that "
+                             "wrote it.") from None
         for view, (doc, sql) in VIEWS.items():
             con.execute(f"CREATE VIEW {view} AS {sql}")
             con.execute(f"COMMENT ON VIEW {view} IS {_literal(doc)}")
     return path
+
+
+def _first_unreadable(con: duckdb.DuckDBPyConnection, files: Sequence[str | Path]) -> str | None:
+    """The first of ``files`` that DuckDB cannot read (DuckDB's error does not always name it), or None."""
+    for f in files:
+        try:
+            con.execute("SELECT * FROM read_parquet(?)", [str(f)]).fetchall()  # every page, not just the footer
+        except duckdb.Error:
+            return str(f)
+    return None
 
 
 def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
@@ -79,7 +97,11 @@ def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run the build_database step first.")
-    return duckdb.connect(str(path), read_only=True)
+    try:
+        return duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as e:  # truncated, corrupted or not a DuckDB file at all
+        raise StoreError(f"{path}: not a readable DuckDB store ({str(e).splitlines()[0]}); rebuild it with the "
+                         "build_database step.") from None
 
 
 def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFamilyConfig], primary_hook: str,

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from darkmatter.data.activations import ActivationStore
+from darkmatter.io import read_parquet
 from darkmatter.sae.families import SaeMember
 from darkmatter.store.schema import ERROR_SAES, PURSUIT_SAES, SAES
 
@@ -26,7 +27,7 @@ def tokens_table(store: ActivationStore, contexts_parquet: Path, tokenizer) -> p
     ids = np.unique(index["token_id"].to_numpy())
     text = pl.DataFrame({"token_id": ids.astype(np.int32),
                          "token_text": [tokenizer.decode([int(i)]) for i in ids]})
-    docs = pl.read_parquet(contexts_parquet).select("context", "doc_id")
+    docs = read_parquet(contexts_parquet).select("context", "doc_id")
     return (index.join(text, on="token_id", how="left").join(docs, on="context", how="left")
             .with_columns(pl.col("loss").fill_nan(None)).sort("row"))
 
