@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from darkmatter.sae.formats import (
@@ -155,8 +154,8 @@ def source_members(sources: Sequence[str], architecture: str, widths: Sequence[i
 def import_sae(source: str, out: Path, hook: str, d_model: int, expected: tuple[str, int, int],
                params: Any = None) -> None:
     """The ``import_sae`` step: load ``source`` (downloading a ``sae_lens:`` one), check it fits ``hook`` and the
-    member it was described as (``expected`` = architecture, d_sae, k), and write it to ``out`` in the
-    darkmatter/SAELens layout with provenance, atomically."""
+    member it was described as (``expected`` = architecture, d_sae, k; loading refuses non-finite weights), and
+    write it to ``out`` in the darkmatter/SAELens layout with provenance, atomically."""
     import time
 
     from darkmatter.io import atomic_dir
@@ -172,9 +171,6 @@ def import_sae(source: str, out: Path, hook: str, d_model: int, expected: tuple[
     if (sae.architecture, sae.d_sae, got_k) != (arch, d_sae, k):
         raise SaeFormatError(f"SAE {source} is a {sae.architecture} SAE with d_sae={sae.d_sae}, k={got_k}; the family "
                              f"described it as {arch} with d_sae={d_sae}, k={k} (check the family's widths and ks).")
-    bad = [name for name, t in sae.tensors().items() if not bool(torch.isfinite(t).all())]
-    if bad:
-        raise SaeFormatError(f"SAE {source} has NaN or infinite values in {', '.join(bad)}.")
     if sae.cfg.get("hook_name") not in (None, hook):
         # the user decides which hook an SAE reads; a different stated hook is worth a look, not an error
         log.warning("SAE %s states hook %s but is imported on %s", source,

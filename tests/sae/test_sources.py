@@ -95,7 +95,7 @@ def test_import_writes_an_identical_sae_and_checks_it(tmp_path):
     w = random_weights(D_IN, 12)
     w["W_dec"][3, 2] = np.nan
     nan_sae = write_gemma_scope(tmp_path / "nan" / "l0_3", w)
-    with pytest.raises(SaeFormatError, match="NaN or infinite values in W_dec"):
+    with pytest.raises(SaeFormatError, match=r"tensors \['W_dec'\] hold NaN or infinite values"):
         import_sae(str(nan_sae), bad_out, HOOK, D_IN, ("jumprelu", 12, 3))
     assert not bad_out.exists() and not list(tmp_path.glob(".bad*"))  # nothing half-written
 
