@@ -12,6 +12,7 @@ import yaml
 from darkmatter.config.parse import ConfigError, from_dict
 from darkmatter.config.sections import ExperimentConfig, ModelConfig
 
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # the device setting's forms (darkmatter.device resolves them)
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out)$")
 EMBEDDED_N_LAYERS = 30
 
@@ -55,6 +56,8 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     h, c, t, m = cfg.harvest, cfg.corpus, cfg.training, cfg.model
     _require(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name) is not None, where, "name",
              "letters, digits, '_', '-' or '.'", cfg.name)
+    _require(DEVICE_RE.fullmatch(cfg.device) is not None, where, "device", "auto, cpu, cuda or cuda:<index>",
+             cfg.device)
     _require(m.source != "local" or bool(m.path), where, "model.path", "a folder when model.source is 'local'", m.path)
     for key in ("n_layers", "d_model", "n_heads", "d_ff"):
         _require(getattr(m.random, key) >= 1, where, f"model.random.{key}", ">= 1", getattr(m.random, key))
