@@ -8,8 +8,8 @@ and run it 40 to 180 times *slower* (measured: 0.5 vs 87 GFLOP/s on 2 AVX2 cores
 - ``auto`` (the default) measures both once per process on a small GEMM of the workflow's shape (warm-up, then
   the best of :data:`PROBE_REPEATS` calls each; well under a second even where bf16 is slow) and takes bf16 only
   when it is at least :data:`BF16_MIN_SPEEDUP` times faster. On a CUDA device (darkmatter.device) ``auto`` takes
-  bf16 when the GPU supports it (``torch.cuda.is_bf16_supported``: Ampere and later run it at twice float32's
-  tensor-core rate or more), without measuring.
+  bf16 when the GPU runs it natively (compute capability 8.0, Ampere, and later: at least twice float32's
+  tensor-core rate; older GPUs only emulate it), without measuring.
 
 The resolved choice, the measured ratio and the CPU capability are recorded in each artifact's provenance, so a
 result always says which precision made it. bf16 changes activations by about 1% and eval FVU by about 1e-4
@@ -82,7 +82,8 @@ def resolve_precision(setting: str, device: torch.device | str = "cpu") -> Preci
     if setting != "auto":
         return PrecisionChoice(setting, setting, None, capability)
     if torch.device(device).type == "cuda":
-        return PrecisionChoice(setting, "bfloat16" if torch.cuda.is_bf16_supported() else "float32", None, capability)
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+        return PrecisionChoice(setting, "bfloat16" if native else "float32", None, capability)
     speedup = measure_bf16_speedup()
     dtype = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
     return PrecisionChoice(setting, dtype, round(speedup, 4), capability)

@@ -27,11 +27,11 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def gpus(monkeypatch):
-    """Pretend torch sees ``n`` CUDA devices (0: none) with or without bf16 support."""
-    def set_gpus(n: int, bf16: bool = True) -> None:
+    """Pretend torch sees ``n`` CUDA devices (0: none) of compute ``capability``."""
+    def set_gpus(n: int, capability: tuple[int, int] = (9, 0)) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
 
     return set_gpus
 
@@ -78,12 +78,13 @@ def test_the_default_setting_comes_from_the_environment(monkeypatch):
     assert default_setting() == "cpu"
 
 
-def test_precision_auto_on_a_gpu_is_bf16_where_supported(gpus):
-    gpus(1, bf16=True)
+def test_precision_auto_on_a_gpu_is_bf16_where_it_runs_natively(gpus):
+    gpus(1, (8, 0))  # Ampere
     assert resolve_precision("auto", torch.device("cuda")).dtype == "bfloat16"
     assert resolve_precision("float32", torch.device("cuda")).dtype == "float32"  # a forced choice stays
-    gpus(1, bf16=False)
+    gpus(1, (7, 5))  # Turing: bf16 only emulated
     assert resolve_precision("auto", "cuda:0").dtype == "float32"
+    assert resolve_precision("bfloat16", "cuda:0").dtype == "bfloat16"
     assert resolve_precision("auto", "cuda:0").bf16_speedup is None  # nothing measured on a GPU
 
 
