@@ -64,6 +64,6 @@ def test_under_bf16_autocast_ce_and_kl_are_float32_and_the_identity_splice_is_cl
                       autocast_bf16=True, progress=False)
     assert bf16["ce"].dtype == bf16["kl"].dtype == pl.Float32 and bf16.height == f32.height
     spliced = bf16.filter(pl.col("condition") == "sae")
-    assert float(spliced["kl"].abs().max()) <= 1e-2
-    assert float((bf16["ce"] - f32["ce"]).abs().max()) <= 0.1  # bf16 rounding of a 5.5-nat CE, not a bug's size
+    assert float(spliced["kl"].abs().max()) <= 1e-3
+    assert float((bf16["ce"] - f32["ce"]).abs().max()) <= 0.01  # bf16 rounding of a 5.6-nat CE (measured 9e-4)
     assert float((bf16["ce"] - f32["ce"]).abs().max()) > 0  # the autocast did run in bf16
