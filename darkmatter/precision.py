@@ -7,7 +7,9 @@ and run it 40 to 180 times *slower* (measured: 0.5 vs 87 GFLOP/s on 2 AVX2 cores
 - ``float32`` / ``bfloat16`` force the choice;
 - ``auto`` (the default) measures both once per process on a small GEMM of the workflow's shape (warm-up, then
   the best of :data:`PROBE_REPEATS` calls each; well under a second even where bf16 is slow) and takes bf16 only
-  when it is at least :data:`BF16_MIN_SPEEDUP` times faster.
+  when it is at least :data:`BF16_MIN_SPEEDUP` times faster. On a CUDA device (darkmatter.device) ``auto`` takes
+  bf16 when the GPU runs it natively (compute capability 8.0, Ampere, and later: at least twice float32's
+  tensor-core rate; older GPUs only emulate it), without measuring.
 
 The resolved choice, the measured ratio and the CPU capability are recorded in each artifact's provenance, so a
 result always says which precision made it. bf16 changes activations by about 1% and eval FVU by about 1e-4
@@ -71,18 +73,23 @@ def measure_bf16_speedup(seed: int = 0) -> float:
     return fp32 / max(bf16, 1e-12)
 
 
-def resolve_precision(setting: str) -> PrecisionChoice:
-    """Turn a ``precision`` setting (``auto``, ``float32``, ``bfloat16``) into the dtype this machine will use."""
+def resolve_precision(setting: str, device: torch.device | str = "cpu") -> PrecisionChoice:
+    """Turn a ``precision`` setting (``auto``, ``float32``, ``bfloat16``) into the dtype this machine will use on
+    ``device`` (a resolved device, darkmatter.device)."""
     if setting not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {setting!r}.")
     capability = torch.backends.cpu.get_cpu_capability()
     if setting != "auto":
         return PrecisionChoice(setting, setting, None, capability)
+    if torch.device(device).type == "cuda":
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+        return PrecisionChoice(setting, "bfloat16" if native else "float32", None, capability)
     speedup = measure_bf16_speedup()
     dtype = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
     return PrecisionChoice(setting, dtype, round(speedup, 4), capability)
 
 
-def autocast(bf16: bool):
-    """CPU autocast to bf16 when ``bf16``, else a no-op context."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def autocast(bf16: bool, device_type: str = "cpu"):
+    """Autocast to bf16 on ``device_type`` (``cpu`` or ``cuda``: a ``torch.device``'s ``type``) when ``bf16``, else
+    a no-op context."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -123,9 +123,9 @@ class Sizes:
 
 
 def gpus(cfg: ExperimentConfig, step: str) -> int:
-    """GPUs a step asks for. Every step runs on CPU today; a device setting (cuda) would return 1 here for the
-    :data:`TORCH_STEPS`, and the SLURM executor turns ``gpu`` into ``--gpus``."""
-    return 0
+    """GPUs a step asks for: one for the :data:`TORCH_STEPS` when ``device`` names CUDA (``auto`` uses a GPU only
+    where one is visible, so it asks for none); the SLURM executor turns ``gpu`` into ``--gpus``."""
+    return int(cfg.device.startswith("cuda") and step in TORCH_STEPS)
 
 
 def _mem_mb(work_bytes: float) -> int:

@@ -3,6 +3,7 @@ environment's dependency list."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tomllib
@@ -123,6 +124,11 @@ def test_every_workflow_step_has_an_estimate():
         assert res["mem_mb"] >= BASE_MB and res["runtime"] >= MIN_RUNTIME and res["gpu"] == 0, step
     with pytest.raises(ValueError, match="no resource estimate for step 'nonsense'"):
         step_resources(SMOKE, "nonsense", shape)
+    on_gpu = dataclasses.replace(SMOKE, device="cuda:1")  # a GPU for the torch steps only
+    asked = {step: step_resources(on_gpu, step, shape, hook=SMOKE.primary_hook,
+                                  **({"split": "train"} if step == "harvest" else {}))["gpu"]
+             for step in ("harvest", "measure-ce", "train-error-saes", "measure-errors", "build-database")}
+    assert asked == {"harvest": 1, "measure-ce": 1, "train-error-saes": 1, "measure-errors": 0, "build-database": 0}
 
 
 def test_conda_env_lists_every_runtime_dependency():

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from darkmatter.config import load_config
+from darkmatter.device import resolve_device
 from darkmatter.resources import model_shape, step_resources
 from darkmatter.sae.families import expand_families, widest
 from darkmatter.sae.model import Sae, default_cfg, save_sae
@@ -118,7 +119,9 @@ def test_gemma_config_plans_on_slurm(tmp_path):
     SLURM profile without the network: every SAE is imported, only the error-component SAEs train."""
     plan = _plan(["--workflow-profile", str(REPO / "profiles" / "slurm"),
                   "--configfile", str(REPO / "config" / "gemma-2-2b.yaml")], tmp_path)
-    rules = Counter(job["rule"] for job in _jobs(plan).values())
+    jobs = _jobs(plan)
+    rules = Counter(job["rule"] for job in jobs.values())
+    assert _resources(jobs["harvest/split=train"])["gpu"] == "1" and _resources(jobs["build_database/"])["gpu"] == "0"
     # 6 widths + 5 L0s sharing the 16k L0-22 SAE, and the previous layer's
     assert (rules["import_sae"], rules["train_sae"], rules["train_error_saes"]) == (11, 0, 1)
     assert rules["encode_sae"] == rules["pursue"] == 11 and rules["measure_errors"] == 2
@@ -264,6 +267,9 @@ def test_smoke_workflow_end_to_end(tmp_path):
     for split in ("train", "eval"):
         meta = json.loads((results / "activations" / split / "meta.json").read_text())
         assert meta["hooks"] == list(cfg.harvest.hooks)
+        # the config's device reached the step (through the environment) and is recorded
+        assert meta["device"]["setting"] == cfg.device
+        assert meta["device"]["device"].startswith(resolve_device(cfg.device).type)
         assert (results / "activations" / split / "provenance.json").is_file()
     members = expand_families(cfg.families, cfg.primary_hook)
     n_saes, primary = len(members), [m for m in members if m.hook == cfg.primary_hook]
@@ -318,6 +324,11 @@ def test_smoke_workflow_end_to_end(tmp_path):
     assert planned_jobs(args, pursuit_edit, tmp_path) == {
         "pursue": n_saes, "measure_pursuit": n_hooks, "build_database": 1, "run_analysis": len(cfg.analysis.names),
         "render_report": 1, "all": 1}  # the encoders' measurement and both CE steps stay
+    # the device reaches the steps through the environment, not their parameters: moving a run reruns nothing
+    edited = tmp_path / "device.yaml"
+    edited.write_text(yaml.safe_dump(smoke | {"device": "cpu"}))
+    moved = _run([*args[:-1], str(edited), "-n"])
+    assert moved.returncode == 0 and "Nothing to be done" in moved.stdout + moved.stderr, moved.stderr[-3000:]
     error_sae_edit = smoke | {"error_saes": smoke["error_saes"] | {"expansion": 2}}
     assert planned_jobs(args, error_sae_edit, tmp_path) == {
         "train_error_saes": 1, "build_database": 1, "run_analysis": len(cfg.analysis.names), "render_report": 1,

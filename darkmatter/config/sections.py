@@ -312,6 +312,9 @@ class AnalysisConfig:
 class ExperimentConfig:
     name: str = "default"
     seed: int = 0
+    # where the tensor work runs: auto (the first CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:<i>
+    # (darkmatter.device); like the thread count it never reruns a step, and provenance records it
+    device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)

@@ -13,6 +13,7 @@ import yaml
 from darkmatter.config.parse import ConfigError, from_dict
 from darkmatter.config.sections import ExperimentConfig, ModelConfig
 
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # the device setting's forms (darkmatter.device resolves them)
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out)$")
 EMBEDDED_N_LAYERS = 30
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # experiment and family names: file names, never paths
@@ -58,6 +59,8 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     # the name is a folder (results/<name>, reports/<name>): never '..', a hidden folder or a path
     _require(NAME_RE.fullmatch(cfg.name) is not None, where, "name",
              "letters, digits, '_', '-' or '.', not starting with '.'", cfg.name)
+    _require(DEVICE_RE.fullmatch(cfg.device) is not None, where, "device", "auto, cpu, cuda or cuda:<index>",
+             cfg.device)
     _require(m.source != "local" or bool(m.path), where, "model.path", "a folder when model.source is 'local'", m.path)
     for key in ("n_layers", "d_model", "n_heads", "d_ff"):
         _require(getattr(m.random, key) >= 1, where, f"model.random.{key}", ">= 1", getattr(m.random, key))

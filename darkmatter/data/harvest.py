@@ -82,13 +82,16 @@ class HarvestSpec:
 
 
 def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: Path, params: dict | None = None,
-            progress: bool = True, precision: dict | None = None) -> Path:
+            progress: bool = True, precision: dict | None = None, device_info: dict | None = None) -> Path:
     """Run ``model`` over ``tokens [n_contexts, context_size]`` and write the store folder ``out``.
 
-    Resumes a partial harvest of the same ``params`` left by an interrupted run. ``precision``: the resolved
-    precision record (darkmatter.precision) written to meta.json and provenance.json.
+    The forward passes run on the model's device; each batch's activations and losses come to the CPU only to be
+    written. Resumes a partial harvest of the same ``params`` left by an interrupted run. ``precision``, ``device_info``:
+    the resolved precision and device records (darkmatter.precision, darkmatter.device) written to meta.json and
+    provenance.json.
     """
     started = time.time()
+    on = next(model.parameters()).device
     out = Path(out)
     n_ctx, ctx = tokens.shape
     keep = ctx - spec.min_pos
@@ -115,15 +118,15 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
         with torch.inference_mode():
             for start in range(done, n_ctx, spec.batch_contexts):
                 stop = min(start + spec.batch_contexts, n_ctx)
-                ids = ids_all[start:stop]
-                with autocast(spec.autocast_bf16), capture(model, list(spec.hooks), spec.min_pos,
+                ids = ids_all[start:stop].to(on)
+                with autocast(spec.autocast_bf16, on.type), capture(model, list(spec.hooks), spec.min_pos,
                                                             stop=not spec.with_loss) as acts:
                     if spec.with_loss:
-                        losses[start:stop, : keep - 1] = next_token_loss(model, ids, spec.min_pos).numpy()
+                        losses[start:stop, : keep - 1] = next_token_loss(model, ids, spec.min_pos).cpu().numpy()
                     else:
                         model.base_model(input_ids=ids)
                 for hook in spec.hooks:
-                    a = acts[hook].float().numpy().reshape(-1, acts[hook].shape[-1])
+                    a = acts[hook].float().cpu().numpy().reshape(-1, acts[hook].shape[-1])
                     if hook not in stores:
                         stores[hook] = _RowWriter(partial / f"{hook}.npy", rows, a.shape[-1], create=not done)
                     stores[hook].write(start * keep, a)
@@ -150,11 +153,11 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
     write_json(partial / "meta.json", {
         "hooks": list(spec.hooks), "d_model": d_models, "n_contexts": n_ctx, "context_size": ctx,
         "min_pos": spec.min_pos, "rows": rows, "with_loss": spec.with_loss, "dtype": "float32",
-        "autocast_bf16": spec.autocast_bf16, "precision": precision,
+        "autocast_bf16": spec.autocast_bf16, "precision": precision, "device": device_info,
     })
     (partial / "loss.npy").unlink(missing_ok=True)
     state_path.unlink()
-    write_provenance(partial, params, started=started, extra={"precision": precision})
+    write_provenance(partial, params, started=started, extra={"precision": precision, "device": device_info})
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

@@ -201,8 +201,11 @@ def load_tokenizer(path: str, revision: str | None = None):
         raise ModelError(f"could not load the tokenizer at {path}: {e}") from e
 
 
-def load_model(path: str, revision: str | None = None):
-    """Load (model, tokenizer) in float32, eval mode, from a local folder (or a hub id when online)."""
+def load_model(path: str, revision: str | None = None, device: torch.device | str = "cpu"):
+    """Load (model, tokenizer) in float32, eval mode, on ``device``, from a local folder (or a hub id when online).
+
+    The weights stay float32 on every device: a step that runs in bf16 does so under autocast
+    (darkmatter.precision), as on the CPU."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -211,7 +214,7 @@ def load_model(path: str, revision: str | None = None):
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated weights, missing files, bad json
         raise ModelError(f"could not load the model at {path}: {e}") from e
-    model.eval()
+    model.to(device).eval()
     return model, load_tokenizer(path, revision)
 
 

@@ -54,7 +54,7 @@ def _flat(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """Apply a [N, d] -> [N, d] map to [B, T, d] activations in float32, outside any autocast: an SAE and b* are
     applied in the precision they were fitted in, whatever precision the model runs in."""
     def flat(x: Tensor) -> Tensor:
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return fn(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
 
     return flat
@@ -108,16 +108,18 @@ def measure_ce(model: torch.nn.Module, tokens: np.ndarray, contexts: np.ndarray,
     ``autocast_bf16``: the model runs under bf16 autocast, as the activations were harvested (so the SAEs and b*
     meet the activations they were fitted on).
 
+    The model runs on its own device (the replacements must live there too); CE and KL come to the CPU per batch.
     Returns a long table: sae_id ('' for global conditions), condition, context, position, ce, kl (nats).
     """
+    on = next(model.parameters()).device
     frames = []
     bar = tqdm(total=len(contexts) * tokens.shape[1], unit="tok", unit_scale=True, disable=not progress,
                desc="splice CE")
     with torch.inference_mode():
         for start in range(0, len(contexts), batch_contexts):
             ctx = contexts[start : start + batch_contexts]
-            ids = torch.from_numpy(tokens[ctx].astype(np.int64))
-            with autocast(autocast_bf16):
+            ids = torch.from_numpy(tokens[ctx].astype(np.int64)).to(on)
+            with autocast(autocast_bf16, on.type):
                 res = splice_losses(model, ids, hook, min_pos, reps)
             n_pos = res.ce["clean"].shape[1]
             positions = np.tile(np.arange(min_pos, min_pos + n_pos, dtype=np.int32), len(ctx))
@@ -126,7 +128,7 @@ def measure_ce(model: torch.nn.Module, tokens: np.ndarray, contexts: np.ndarray,
                 sae_id, _, cond = key.rpartition("|")
                 frames.append(pl.DataFrame({
                     "sae_id": sae_id, "condition": cond, "context": ctx_col, "position": positions,
-                    "ce": ce.reshape(-1).numpy(), "kl": res.kl[key].reshape(-1).numpy(),
+                    "ce": ce.reshape(-1).cpu().numpy(), "kl": res.kl[key].reshape(-1).cpu().numpy(),
                 }))
             bar.update(ids.numel())
     bar.close()
@@ -158,7 +160,7 @@ def summarize_ce(per_token: pl.DataFrame) -> pl.DataFrame:
 
 
 def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, params: Any, started: float,
-              autocast_bf16: bool) -> None:
+              autocast_bf16: bool, device_info: dict[str, Any] | None) -> None:
     from darkmatter.io import atomic_dir
     from darkmatter.provenance import write_provenance
 
@@ -166,7 +168,8 @@ def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, para
         table.write_parquet(tmp / "token_ce.parquet")
         if summary is not None:
             summary.write_parquet(tmp / "summary.parquet")
-        write_provenance(tmp, params, started=started, extra={"model_autocast_bf16": autocast_bf16})
+        write_provenance(tmp, params, started=started,
+                         extra={"model_autocast_bf16": autocast_bf16, "device": device_info})
 
 
 def _contexts_of(tokens_path: Path) -> Path:
@@ -176,9 +179,11 @@ def _contexts_of(tokens_path: Path) -> Path:
 
 def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook: str, sae_dirs: Sequence[str],
                          out: Path, *, contexts: int, batch_contexts: int, min_pos: int, seed: int = 0,
-                         autocast_bf16: bool = False, params: Any = None) -> None:
+                         autocast_bf16: bool = False, params: Any = None, device: torch.device | str = "cpu",
+                         device_info: dict[str, Any] | None = None) -> None:
     """The ``measure_ce`` step: load the model, the SAEs and their linear maps (``errors`` = the hook's folder of
-    darkmatter.errors.measure); write token_ce.parquet + summary.parquet into ``out``."""
+    darkmatter.errors.measure) on ``device``; write token_ce.parquet + summary.parquet into ``out`` (provenance with
+    ``device_info``, darkmatter.device)."""
 
     from darkmatter.data.models import load_model
     from darkmatter.errors.measure import DESIGN, LINEAR_MAP
@@ -186,27 +191,28 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
     from darkmatter.sae.formats import load_sae
 
     started = time.time()
-    model, _ = load_model(model_path)
+    model, _ = load_model(model_path, device=device)
     tokens = load_npy(tokens_path)
     design = load_moments(Path(errors) / DESIGN)
     # mean ablation: the eval mean of x over the scored positions, from the decomposition's float64 x moments
-    mean = torch.from_numpy((design["fit"] + design["test"]).mean.astype(np.float32))
+    mean = torch.from_numpy((design["fit"] + design["test"]).mean.astype(np.float32)).to(device)
     saes = {}
     for sae_dir in sae_dirs:
         sae_id = Path(sae_dir).name
-        sae, lin = load_sae(sae_dir), load_safetensors(Path(errors) / sae_id / LINEAR_MAP)
+        sae, lin = load_sae(sae_dir, device), load_safetensors(Path(errors) / sae_id / LINEAR_MAP, device=str(device))
         saes[sae_id] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
     chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
     table = measure_ce(model, tokens, chosen, hook, min_pos, conditions(saes, mean), batch_contexts=batch_contexts,
                        autocast_bf16=autocast_bf16)
-    _write_ce(out, table, summarize_ce(table), params, started, autocast_bf16)
+    _write_ce(out, table, summarize_ce(table), params, started, autocast_bf16, device_info)
     log.info("CE on %d contexts for %d SAEs in %.0f s", len(chosen), len(saes), time.time() - started)
 
 
 def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: str, hook: str, out: Path, *,
                                  contexts: int, batch_contexts: int, min_pos: int, seed: int = 0,
                                  l0_multiple: int = 1, l0: int | None = None, autocast_bf16: bool = False,
-                                 params: Any = None) -> None:
+                                 params: Any = None, device: torch.device | str = "cpu",
+                                 device_info: dict[str, Any] | None = None) -> None:
     """The ``measure_pursuit_ce`` step: CE and KL with one SAE's gradient-pursuit reconstruction spliced in
     (condition ``pursuit``; darkmatter.errors.pursuit) on the contexts of ``measure_ce``; writes token_ce.parquet
     (its clean rows equal measure_ce's) into ``out``."""
@@ -215,11 +221,11 @@ def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: st
     from darkmatter.sae.formats import load_sae
 
     started = time.time()
-    model, _ = load_model(model_path)
+    model, _ = load_model(model_path, device=device)
     tokens = load_npy(tokens_path)
-    fn = pursuit_reconstruction(load_sae(sae_dir), l0_multiple=l0_multiple, l0=l0)
+    fn = pursuit_reconstruction(load_sae(sae_dir, device), l0_multiple=l0_multiple, l0=l0)
     chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
     table = measure_ce(model, tokens, chosen, hook, min_pos, {f"{Path(sae_dir).name}|pursuit": _flat(fn)},
                        batch_contexts=batch_contexts, autocast_bf16=autocast_bf16)
-    _write_ce(out, table, None, params, started, autocast_bf16)
+    _write_ce(out, table, None, params, started, autocast_bf16, device_info)
     log.info("pursuit CE on %d contexts for %s in %.0f s", len(chosen), Path(sae_dir).name, time.time() - started)

@@ -64,18 +64,19 @@ def _scores(model: nn.Module, suffix_hidden: Tensor) -> Tensor:
     return torch.log_softmax(logits_from_hidden(model, suffix_hidden[:, :-1]), dim=-1)
 
 
-def _causal_mask(model: nn.Module, q_len: int, kv_len: int, dtype: torch.dtype) -> Tensor | None:
+def _causal_mask(model: nn.Module, q_len: int, kv_len: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> Tensor | None:
     """The mask [1, 1, q_len, kv_len] of queries at positions kv_len − q_len … kv_len − 1 over all keys, in the
     format of the model's attention implementation (SDPA: True = attend; eager: additive), or None if unknown.
 
     Why explicit: with no mask, SDPA's ``is_causal`` aligns a non-square mask top-left (query 0 would see key 0
     only), which is wrong for queries that follow cached keys."""
-    allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril(diagonal=kv_len - q_len)[None, None]
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)[None, None]
     impl = getattr(model.config, "_attn_implementation", None)
     if impl == "sdpa":
         return allowed
     if impl == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return None
 
 
@@ -94,12 +95,13 @@ def _narrow(name: str, value: Any, min_pos: int, seq_len: int, mask: Tensor) -> 
 
 
 def _suffix_calls(model: nn.Module, blks: nn.ModuleList, captured: dict[int, tuple[tuple, dict]], first: int,
-                  min_pos: int, seq_len: int, dtype: torch.dtype) -> tuple[list[dict[str, Any]], str, Cache] | None:
+                  min_pos: int, seq_len: int, dtype: torch.dtype, device: torch.device | None = None
+                  ) -> tuple[list[dict[str, Any]], str, Cache] | None:
     """Per block from ``first`` on, its clean-pass keyword arguments narrowed to positions ≥ ``min_pos`` (hidden
     states and cache left out), the cache argument's name and the clean pass's cache; None if some argument cannot
     be narrowed."""
     window = getattr(model.config, "sliding_window", None)
-    mask = _causal_mask(model, seq_len - min_pos, seq_len, dtype)
+    mask = _causal_mask(model, seq_len - min_pos, seq_len, dtype, device)
     if mask is None or (window is not None and window < seq_len):
         return None
     calls, caches = [], {}
@@ -171,7 +173,7 @@ def splice_losses(model: nn.Module, input_ids: Tensor, hook: str, min_pos: int,
     dtype = clean.last_hidden_state.dtype
     suffix = None
     if reuse_prefix:
-        suffix = _suffix_calls(model, blks, captured, first, min_pos, input_ids.shape[1], dtype)
+        suffix = _suffix_calls(model, blks, captured, first, min_pos, input_ids.shape[1], dtype, input_ids.device)
         if suffix is None:
             log.warning("splice: %s's block arguments cannot be narrowed to positions >= min_pos; recomputing "
                         "the whole forward pass per condition instead.", type(model).__name__)
@@ -182,7 +184,11 @@ def splice_losses(model: nn.Module, input_ids: Tensor, hook: str, min_pos: int,
     # KL(p ‖ q) = Σ p·log p − Σ p·log q: the first sum once, then one fused dot per condition (no [B, T, V]
     # temporaries); the identity gives exactly 0, as both sums are the same call on the same tensors
     clean_p = clean_logp.exp()
-    neg_entropy = torch.linalg.vecdot(clean_p, clean_logp)
+    # in float32 also under a bf16 autocast (which would run vecdot in bf16: KL is a small difference of two large
+    # sums, which bf16 rounding swamps, and a bf16 result cannot even be written out)
+    no_autocast = torch.autocast(input_ids.device.type, enabled=False)
+    with no_autocast:
+        neg_entropy = torch.linalg.vecdot(clean_p, clean_logp)
     del clean_logp
     kl = {"clean": torch.zeros_like(ce["clean"])}
     for name, fn in replacements.items():
@@ -207,7 +213,8 @@ def splice_losses(model: nn.Module, input_ids: Tensor, hook: str, min_pos: int,
                 handle.remove()
         logp = _scores(model, hidden)
         ce[name] = _ce(logp, input_ids, min_pos)
-        kl[name] = neg_entropy - torch.linalg.vecdot(clean_p, logp)
+        with no_autocast:
+            kl[name] = neg_entropy - torch.linalg.vecdot(clean_p, logp)
         del logp
     return SpliceLosses(ce=ce, kl=kl)
 

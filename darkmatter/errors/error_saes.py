@@ -63,14 +63,15 @@ class ErrorComponents:
 
     @classmethod
     def load(cls, sae: Sae, linear_map: str | Path) -> ErrorComponents:
-        """From the SAE and its linear_map.safetensors (darkmatter.errors.measure)."""
-        lin = load_safetensors(linear_map)
+        """From the SAE and its linear_map.safetensors (darkmatter.errors.measure), on the SAE's device."""
+        lin = load_safetensors(linear_map, device=str(sae.W_dec.device))
         return cls(sae, lin["coef"].float(), lin["intercept"].float())
 
     @torch.inference_mode()
     def __call__(self, x: Tensor) -> dict[str, Tensor]:
-        """Each component [N, d] (float32) of activations x [N, d]; they sum to x − Sae(x) exactly as defined."""
-        x = x.float()
+        """Each component [N, d] (float32, on the SAE's device) of activations x [N, d]; they sum to x − Sae(x)
+        exactly as defined."""
+        x = x.float().to(self.coef.device)
         error = x - sparse_codes(self.sae, x, chunk_tokens=len(x)).x_hat(slice(None))
         linear = torch.addmm(self.intercept, x, self.coef)
         return {"sae_error": error, "linear_error": linear, "nonlinear_error": error - linear}
@@ -80,7 +81,7 @@ def component_rows(x: np.ndarray, components: ErrorComponents, name: str) -> Laz
     """Component ``name`` of ``x`` as a read-only array whose rows are computed when indexed (by a slice or by row
     ids): what a Trainer samples its initialisation (input scale, b_dec) from."""
     def get(rows: Any) -> np.ndarray:
-        return components(torch.from_numpy(np.array(x[rows], dtype=np.float32)))[name].numpy()
+        return components(torch.from_numpy(np.array(x[rows], dtype=np.float32)))[name].cpu().numpy()
 
     return LazyRows(x.shape[0], x.shape[1], get)
 
@@ -140,9 +141,9 @@ def evaluate(saes: dict[str, Sae], x: np.ndarray, contexts: np.ndarray, componen
             own = sparse_codes(sae, y, chunk_tokens=len(y))
             codes[name][0][sl], codes[name][1][sl] = own.top_indices, own.top_values
             y_hat = own.x_hat(slice(None))
-            sums[f"{name}.sse"].index_add_(0, g, (y - y_hat).double().square().sum(1))
-            sums[f"{name}.target_sq"].index_add_(0, g, y.double().square().sum(1))
-            sums[f"{name}.target_sum"].index_add_(0, g, y.double())
+            sums[f"{name}.sse"].index_add_(0, g, (y - y_hat).double().square().sum(1).cpu())
+            sums[f"{name}.target_sq"].index_add_(0, g, y.double().square().sum(1).cpu())
+            sums[f"{name}.target_sum"].index_add_(0, g, y.double().cpu())
     return codes, {k: v.numpy() for k, v in sums.items()}
 
 
@@ -165,24 +166,27 @@ def error_sae_specs(d_model: int, expansion: int, k: int, seed: int) -> dict[str
 def train_error_saes_to_folder(x_train: np.ndarray, x_eval: np.ndarray, contexts: np.ndarray,
                                components: ErrorComponents, base: dict[str, Any], specs: dict[str, SaeSpec],
                                cfg: SaeTrainingConfig, out: str | Path, *, params: Any = None,
-                               progress: bool = True) -> dict[str, dict[str, Any]]:
+                               progress: bool = True, device_info: dict[str, Any] | None = None
+                               ) -> dict[str, dict[str, Any]]:
     """Train one SAE per component on ``x_train`` (checkpoints in ``.<name>.ckpt/<component>`` beside ``out``),
-    evaluate them on ``x_eval`` (rows of eval ``contexts``), and write the folder of the module docstring."""
+    evaluate them on ``x_eval`` (rows of eval ``contexts``), and write the folder of the module docstring. Everything
+    runs on the base SAE's device (its provenance record: ``device_info``, darkmatter.device)."""
+    device = components.coef.device
     started = time.time()
     out = Path(out)
     ckpt = out.with_name(f".{out.name}.ckpt")
     names = list(specs)
     trainers = [Trainer(component_rows(x_train, components, name), specs[name], cfg,  # type: ignore[arg-type]
-                        checkpoint_dir=ckpt / name) for name in names]
+                        checkpoint_dir=ckpt / name, device=device) for name in names]
     results = train_jointly(trainers, x_train, components, names, progress=progress)
     trained = time.time()
-    saes = dict(zip(names, (r.sae for r in results), strict=True))
+    saes = {name: r.sae.to(device) for name, r in zip(names, results, strict=True)}  # folded on the CPU
     codes, sums = evaluate(saes, x_eval, contexts, components, progress=progress)
     records = {}
     with atomic_dir(out) as tmp:
         for trainer, result, name in zip(trainers, results, names, strict=True):
             write_trained(trainer, result, tmp / "saes" / name, params, started,
-                          extra={"target": name, "base": base})
+                          extra={"target": name, "base": base, "device": device_info})
             idx, val = codes[name]
             fires = np.bincount(idx[val > 0], minlength=result.sae.d_sae)
             records[name] = {
@@ -194,11 +198,12 @@ def train_error_saes_to_folder(x_train: np.ndarray, x_eval: np.ndarray, contexts
             }
             save_codes(tmp / "codes" / name, idx, val, {"sae_id": specs[name].sae_id, "component": name,
                        "architecture": "topk", "d_sae": result.sae.d_sae, "k": specs[name].k, "rows": len(idx),
-                       "width": int(idx.shape[1])}, params, started)
+                       "width": int(idx.shape[1])}, params, started, device_info)
         save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sums.items()}, str(tmp / CONTEXT_SUMS))
         write_json(tmp / METRICS, {"components": records, "train_seconds": round(trained - started, 1),
                                    "eval_seconds": round(time.time() - trained, 1)})
-        write_provenance(tmp, params, seeds={"sae": specs[names[0]].seed}, started=started)
+        write_provenance(tmp, params, seeds={"sae": specs[names[0]].seed}, started=started,
+                         extra={"device": device_info})
     for name, r in records.items():
         log.info("%s SAE: FVU %.4f of its target, L0 %.1f, %d dead", name, r["fvu"], r["l0_mean"], r["dead_count"])
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -67,9 +67,11 @@ def token_table(sae_id: str, parts: ErrorParts, fit_mask: np.ndarray, rows: np.n
                          "nonlinear_error_norm": t["nonlinear_error_norm"]})
 
 
-def load_saes(saes: Sequence[str | Path], x: np.ndarray, where: str) -> list[Sae]:
-    """The SAEs in the folders ``saes`` (any format), checked against the activations ``x`` [N, d] of ``where``."""
-    models = [load_sae(p) for p in saes]
+def load_saes(saes: Sequence[str | Path], x: np.ndarray, where: str, device: torch.device | str = "cpu"
+              ) -> list[Sae]:
+    """The SAEs in the folders ``saes`` (any format) on ``device``, checked against the activations ``x`` [N, d] of
+    ``where``. (The measurement itself stays on the CPU: float64 moments and SciPy sparse products.)"""
+    models = [load_sae(p, device) for p in saes]
     for path, sae in zip(saes, models, strict=True):
         if sae.d_in != x.shape[1]:
             raise InputError(f"SAE {path} has d_in={sae.d_in} but the activations of {where} have "

@@ -69,17 +69,18 @@ def _dictionary(sae: Sae) -> tuple[Tensor, Tensor, Tensor | None]:
 def pursue(sae: Sae, x: np.ndarray, l0: Tensor, *, progress: bool = True, desc: str = "pursuit"
            ) -> tuple[np.ndarray, np.ndarray]:
     """Gradient-pursuit codes (indices int32 [N, L], values float32 [N, L]) of x [N, d] with ``sae``'s decoder in
-    float32, ``l0`` [N] iterations per token; the Gram matrix is formed once for all chunks."""
+    float32, ``l0`` [N] iterations per token; the Gram matrix is formed once for all chunks (on the SAE's device,
+    as the other GEMMs: darkmatter.sae.pursuit)."""
     W_dec, b_dec, gram = _dictionary(sae)
     width = int(l0.max()) if len(l0) else 0
     indices, values = np.zeros((len(x), width), np.int32), np.zeros((len(x), width), np.float32)
     bar = tqdm(total=len(x), unit="tok", unit_scale=True, disable=not progress, desc=desc)
     for start in range(0, len(x), PURSUIT_CHUNK):
         rows = slice(start, start + PURSUIT_CHUNK)
-        xb = torch.from_numpy(np.asarray(x[rows], dtype=np.float32))
+        xb = torch.from_numpy(np.asarray(x[rows], dtype=np.float32)).to(W_dec.device)
         res = gradient_pursuit(xb, W_dec, b_dec, l0[rows], gram=gram)
         w = res.indices.shape[1]
-        indices[rows, :w], values[rows, :w] = res.indices.numpy(), res.values.numpy()
+        indices[rows, :w], values[rows, :w] = res.indices.cpu().numpy(), res.values.cpu().numpy()
         bar.update(len(xb))
     bar.close()
     return indices, values
@@ -87,12 +88,14 @@ def pursue(sae: Sae, x: np.ndarray, l0: Tensor, *, progress: bool = True, desc: 
 
 def pursue_to_folder(sae_path: str | Path, codes_path: str | Path, store_path: str | Path, hook: str,
                      out: str | Path, *, contexts: int | None, seed: int, l0_multiple: int = 1,
-                     l0: int | None = None, params: Any = None, progress: bool = True) -> dict[str, Any]:
-    """The ``pursue`` step for one SAE (module docstring); returns codes.json."""
+                     l0: int | None = None, params: Any = None, progress: bool = True,
+                     device: torch.device | str = "cpu", device_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``pursue`` step for one SAE on ``device`` (module docstring; its provenance record ``device_info``);
+    returns codes.json."""
     started = time.time()
     store = ActivationStore(store_path)
     x = store.activations(hook)
-    (sae,) = load_saes([sae_path], x, f"{hook} in {store_path}")
+    (sae,) = load_saes([sae_path], x, f"{hook} in {store_path}", device)
     codes = load_codes(codes_path, sae)
     rows = pursuit_rows(store.index()["context"].to_numpy(), contexts, seed)
     encoder_l0 = torch.from_numpy((np.asarray(codes.top_values[rows]) != 0).sum(1).astype(np.int64))
@@ -106,7 +109,7 @@ def pursue_to_folder(sae_path: str | Path, codes_path: str | Path, store_path: s
               "l0_mean": float(iterations.float().mean()) if len(rows) else 0.0, "seconds": round(seconds, 2),
               "tokens_per_s": round(len(rows) / max(seconds, 1e-9), 1),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
-    save_codes(Path(out), indices, values, record, params, started, rows=rows)
+    save_codes(Path(out), indices, values, record, params, started, device_info, rows=rows)
     log.info("pursued %d tokens with %s in %.1f s (%.0f tok/s)", len(rows), sae_id, seconds, record["tokens_per_s"])
     return record
 

@@ -103,10 +103,10 @@ def _topk_step(sae: Sae, x: Tensor, spec: LossSpec, batch: bool = False) -> Step
     sse, err = sparse_squared_error(acts, sel, sae.W_dec, sae.b_dec, x)
     fvu = sse / batch_variance(x)
     loss = fvu
-    aux = torch.zeros(())
+    aux = torch.zeros((), device=x.device)
     if use_aux:  # err carries no gradient: the residual target is detached (SAELens, OpenAI)
         assert spec.dead is not None
-        with autocast(spec.bf16):  # its GEMMs grow with the number of dead latents
+        with autocast(spec.bf16, x.device.type):  # its GEMMs grow with the number of dead latents
             aux = auxk_sse(dead_pre, spec.dead, spec.k_aux, sae.W_dec, err) / batch_variance(err)
         loss = loss + spec.auxk_coef * aux
     acts = acts.detach()
@@ -118,7 +118,7 @@ def _topk_step(sae: Sae, x: Tensor, spec: LossSpec, batch: bool = False) -> Step
 
 def _relu_step(sae: Sae, x: Tensor, spec: LossSpec) -> StepOutput:
     """ReLU SAE, dense autograd; L1 weighted by decoder row norms, divided by the batch's RMS norm (scale-free)."""
-    with autocast(spec.bf16):
+    with autocast(spec.bf16, x.device.type):
         f = sae.pre_acts(x).relu()
         x_hat = sae.decode(f)
     f, x_hat = f.float(), x_hat.float()
@@ -134,10 +134,10 @@ def _jumprelu_step(sae: Sae, x: Tensor, spec: LossSpec) -> StepOutput:
     """JumpReLU SAE, dense autograd with straight-through estimators for the threshold: ``l0`` mode adds
     l0_coef·L0, ``target_l0`` mode l0_coef·(L0/k − 1)² (dictionary_learning's JumpReluTrainer)."""
     assert sae.threshold is not None
-    with autocast(spec.bf16):
+    with autocast(spec.bf16, x.device.type):
         z = sae.pre_acts(x).float().relu()
     f = JumpReLU.apply(z, sae.threshold, spec.bandwidth)
-    with autocast(spec.bf16):
+    with autocast(spec.bf16, x.device.type):
         x_hat = sae.decode(f).float()
     var = batch_variance(x)
     fvu = (x - x_hat).pow(2).sum() / var

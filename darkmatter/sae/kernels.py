@@ -57,12 +57,21 @@ class Selection:
         return self._by_latent
 
 
-# Index bookkeeping on the nnz entries runs in numpy: single-threaded, it costs well under a millisecond, while
-# each tiny parallel torch op waits for both cores (milliseconds when the machine is shared).
+# Index bookkeeping on the nnz entries runs in numpy on the CPU: single-threaded, it costs well under a millisecond,
+# while each tiny parallel torch op waits for both cores (milliseconds when the machine is shared). On a GPU
+# (darkmatter.device) the same bookkeeping runs as torch ops where the tensors are, with the same results (a
+# stable sort and counts are unique), instead of a round trip to the host every step.
+
+
+def on_host(t: Tensor) -> bool:
+    """Whether ``t`` lives in host memory, where the bookkeeping runs in numpy (the one test of that choice)."""
+    return t.device.type == "cpu"
 
 
 def _group_by(keys: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """Stable argsort of ``keys`` (values in [0, n)), ``rows`` in that order and each key's start offset."""
+    if not on_host(keys):
+        return _group_by_torch(keys, rows, n)
     k = keys.numpy()
     # numpy's stable sort is a radix sort for 16-bit keys: ~20x faster than a comparison sort of int64
     order = np.argsort(k.astype(np.uint16) if n <= 2**16 else k, kind="stable")
@@ -72,9 +81,24 @@ def _group_by(keys: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tenso
             torch.from_numpy(offsets.astype(np.int64)))
 
 
+def _group_by_torch(keys: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_group_by` in torch ops, on the tensors' device."""
+    order = torch.sort(keys, stable=True).indices
+    counts = torch.bincount(keys, minlength=n)
+    return order, rows[order], torch.cumsum(counts, 0) - counts
+
+
 def _csr(rows: Tensor, n_rows: int) -> Tensor:
+    if not on_host(rows):
+        return _csr_torch(rows, n_rows)
     counts = np.bincount(rows.numpy(), minlength=n_rows)
     return torch.from_numpy((np.cumsum(counts) - counts).astype(np.int64))
+
+
+def _csr_torch(rows: Tensor, n_rows: int) -> Tensor:
+    """:func:`_csr` in torch ops, on the tensor's device."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cumsum(counts, 0) - counts
 
 
 def topk_rows(x: Tensor, k: int, group: int = 8) -> tuple[Tensor, Tensor]:
@@ -95,7 +119,7 @@ def topk_rows(x: Tensor, k: int, group: int = 8) -> tuple[Tensor, Tensor]:
     vals, idx = levels[-1].topk(k, dim=1, sorted=False)
     for level in range(len(levels) - 2, -1, -1):
         width = levels[level + 1].shape[1]
-        cand = (idx[:, :, None] + width * torch.arange(group)).view(n_rows, k * group)
+        cand = (idx[:, :, None] + width * torch.arange(group, device=x.device)).view(n_rows, k * group)
         vals, pick = levels[level].gather(1, cand).topk(k, dim=1, sorted=False)
         idx = cand.gather(1, pick)
     return vals, idx
@@ -110,16 +134,17 @@ def _widen(vals: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _fixed_rows(n_tok: int, k: int) -> tuple[Tensor, Tensor]:
+def _fixed_rows(n_tok: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """rows and offsets of a selection with exactly k entries per token (read-only, shared between steps)."""
-    return torch.arange(n_tok).repeat_interleave(k), torch.arange(0, n_tok * k, k)
+    return (torch.arange(n_tok, device=device).repeat_interleave(k),
+            torch.arange(0, n_tok * k, k, device=device))
 
 
 def topk_select(pre: Tensor, k: int) -> tuple[Selection, Tensor]:
     """Top k pre-activations of every token: (selection with k entries per row, their values [N·k])."""
     n_tok, d_sae = pre.shape
     vals, idx = topk_rows(pre, k)
-    return Selection(*_fixed_rows(n_tok, k), cols=idx.reshape(-1), d_sae=d_sae), _widen(vals.reshape(-1))
+    return Selection(*_fixed_rows(n_tok, k, pre.device), cols=idx.reshape(-1), d_sae=d_sae), _widen(vals.reshape(-1))
 
 
 def batch_topk_select(pre: Tensor, k: int, candidates: int = 4) -> tuple[Selection, Tensor]:
@@ -152,16 +177,16 @@ SelectFn = Callable[[Tensor], tuple[Selection, Tensor]]
 _WORKSPACE: dict[str, Tensor] = {}
 
 
-def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A scratch buffer kept between calls (one per name; reallocated when the shape changes).
+def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A scratch buffer kept between calls (one per name; reallocated when the shape, dtype or device changes).
 
     The pre-activations are hundreds of MB per step; a fresh allocation is returned to the OS when freed and
     page-faulted in again on the next step, which costs about a third of a write pass over it.
     """
     buf = _WORKSPACE.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
         _WORKSPACE.pop(name, None)
-        buf = _WORKSPACE[name] = torch.empty(shape, dtype=dtype)
+        buf = _WORKSPACE[name] = torch.empty(shape, dtype=dtype, device=device)
     return buf
 
 
@@ -171,22 +196,22 @@ class _SparseEncode(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, select: SelectFn,
                 dense_cols: Tensor | None, bf16: bool, out_sel: list[Selection]) -> tuple[Tensor, Tensor]:
         x_c = x - b_dec if b_dec is not None else x
-        n_tok, (d_in, d_sae) = x.shape[0], W_enc.shape
+        n_tok, (d_in, d_sae), on = x.shape[0], W_enc.shape, W_enc.device
         if bf16:  # the one big GEMM in bf16 (fp32 accumulation inside oneDNN; outputs rounded to bf16)
             # b_enc rides in the GEMM as an extra input column of ones: no [N, d_sae] bias broadcast pass
             # (measured ~25% faster than addmm here); W_enc needs a bf16 copy anyway
             x_c = x_c.bfloat16()
-            W_aug = _workspace("W_aug", (d_sae, d_in + 1), torch.bfloat16)  # [W_encᵀ | b_enc], W_enc_T's layout
+            W_aug = _workspace("W_aug", (d_sae, d_in + 1), torch.bfloat16, on)  # [W_encᵀ | b_enc], W_enc_T's layout
             W_aug[:, :d_in].copy_(W_enc.t())
             W_aug[:, d_in].copy_(b_enc)
-            x_aug = _workspace("x_aug", (n_tok, d_in + 1), torch.bfloat16)
+            x_aug = _workspace("x_aug", (n_tok, d_in + 1), torch.bfloat16, on)
             x_aug[:, :d_in].copy_(x_c)
             x_aug[:, d_in] = 1
-            pre = torch.mm(x_aug, W_aug.t(), out=_workspace("pre", (n_tok, d_sae), torch.bfloat16))
+            pre = torch.mm(x_aug, W_aug.t(), out=_workspace("pre", (n_tok, d_sae), torch.bfloat16, on))
         else:  # (fp32: the ones column made MKL's GEMM slower than the broadcast)
-            pre = torch.addmm(b_enc, x_c, W_enc, out=_workspace("pre", (n_tok, d_sae), W_enc.dtype))
+            pre = torch.addmm(b_enc, x_c, W_enc, out=_workspace("pre", (n_tok, d_sae), W_enc.dtype, on))
         sel, vals = select(pre)
-        cols = dense_cols if dense_cols is not None else torch.empty(0, dtype=torch.long)
+        cols = dense_cols if dense_cols is not None else torch.empty(0, dtype=torch.long, device=on)
         dense = _widen(pre.index_select(1, cols))
         del pre
         out_sel.append(sel)
@@ -204,7 +229,7 @@ class _SparseEncode(torch.autograd.Function):
         if g_dense is not None and cols.numel() == 0:
             g_dense = None
         grad_x = grad_b_dec = grad_W = grad_b = None
-        grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype)
+        grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=W_enc.device)
         if g_vals is not None:
             g_vals = g_vals.to(W_enc.dtype)
             grad_b_enc.index_add_(0, sel.cols, g_vals)
@@ -218,7 +243,7 @@ class _SparseEncode(torch.autograd.Function):
                 grad_W_T = F.embedding_bag(rows, x_c, lat_off, mode="sum",
                                            per_sample_weights=g_vals[order].to(x_c.dtype))
             else:
-                grad_W_T = torch.zeros(d_sae, d_in, dtype=W_enc.dtype)
+                grad_W_T = torch.zeros(d_sae, d_in, dtype=W_enc.dtype, device=W_enc.device)
             if g_dense is not None:  # the dense columns: one GEMM [m, N]·[N, d_in] (bf16 in bf16 mode)
                 grad_W_T = grad_W_T.to(W_enc.dtype)
                 grad_W_T.index_add_(0, cols, (g_dense.t().to(x_c.dtype) @ x_c).to(W_enc.dtype))
@@ -232,7 +257,7 @@ class _SparseEncode(torch.autograd.Function):
         if ctx.has_b_dec and ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.zeros(x_c.shape, dtype=W_enc.dtype)
+            grad_x = torch.zeros(x_c.shape, dtype=W_enc.dtype, device=W_enc.device)
             if g_vals is not None:
                 grad_x += F.embedding_bag(sel.cols, W_enc.t().contiguous(), sel.offsets, mode="sum",
                                           per_sample_weights=g_vals)

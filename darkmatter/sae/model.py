@@ -201,7 +201,7 @@ def write_sae_files(sae: Sae, folder: str | Path) -> None:
     """Write cfg.json + sae_weights.safetensors into an existing folder (non-atomic; see :func:`save_sae`)."""
     folder = Path(folder)
     write_json(folder / CFG_FILE, sae.cfg)
-    save_file(sae.tensors(), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file({k: v.cpu() for k, v in sae.tensors().items()}, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def save_sae(sae: Sae, folder: str | Path) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from darkmatter.sae import kernels
 from darkmatter.sae.kernels import Selection, topk_rows
 
 
@@ -56,7 +57,10 @@ def batch_variance(x: Tensor) -> Tensor:
 
 
 def fired(sel: Selection, acts: Tensor, d_sae: int) -> Tensor:
-    """[d_sae] bool: latents with a positive activation in the batch (numpy: single-threaded bookkeeping)."""
+    """[d_sae] bool: latents with a positive activation in the batch (numpy on the CPU: single-threaded
+    bookkeeping; torch ops where the tensors are on a GPU)."""
+    if not kernels.on_host(acts):
+        return torch.bincount(sel.cols[acts > 0], minlength=d_sae) > 0
     return torch.from_numpy(np.bincount(sel.cols.numpy()[acts.numpy() > 0], minlength=d_sae) > 0)
 
 

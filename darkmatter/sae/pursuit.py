@@ -93,8 +93,11 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, l0: int | Tensor, 
     threads as torch (``torch.set_num_threads``); the result does not depend on their number.
 
     ``gram``: W_dec·W_decᵀ [n, n] when the caller already has it (it is shared by every token of an SAE); otherwise
-    it is computed here if it fits in ``gram_bytes``, else each atom's Gram row when a token first selects it."""
-    l0 = _check(x, W_dec, b_dec, l0)
+    it is computed here if it fits in ``gram_bytes``, else each atom's Gram row when a token first selects it.
+
+    On a GPU (darkmatter.device) the GEMMs (the Gram matrix, sDᵀ and the decoding) run there, while the per-token
+    loop, a compiled CPU kernel, reads their results on the host; the returned tensors are on the inputs' device."""
+    l0 = _check(x, W_dec, b_dec, l0).cpu()
     n, d = W_dec.shape
     if x.dtype not in (torch.float32, torch.float64) or W_dec.dtype != x.dtype or b_dec.dtype != x.dtype:
         raise ValueError(f"gradient_pursuit: x, W_dec and b_dec must share one dtype, float32 or float64; got "
@@ -108,15 +111,16 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, l0: int | Tensor, 
         if gram is None and n * n * x.element_size() <= gram_bytes:
             gram = W_dec @ W_dec.T
         # the kernel reads Gram rows from ``gram``, or (a 0 × n stand-in) computes them from the dictionary
-        G = np.ascontiguousarray(gram.to(x.dtype).numpy()) if gram is not None else np.zeros((0, n), values.dtype)
-        D = np.ascontiguousarray(W_dec.detach().numpy())
+        G = (np.ascontiguousarray(gram.to(x.dtype).cpu().numpy()) if gram is not None
+             else np.zeros((0, n), values.dtype))
+        D = np.ascontiguousarray(W_dec.detach().cpu().numpy())
         step = max(1, GRADIENT_BYTES // (n * x.element_size()))
         threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
         for start in range(0, x.shape[0], step):
             rows = slice(start, start + step)
-            grad = ((x[rows] - b_dec) @ W_dec.T).detach().contiguous().numpy()  # g at w = 0
+            grad = ((x[rows] - b_dec) @ W_dec.T).detach().contiguous().cpu().numpy()  # g at w = 0
             _pursue(grad, G, D, l0[rows].numpy(), indices[rows], values[rows], threads)
-    idx, val = torch.from_numpy(indices), torch.from_numpy(values)
+    idx, val = torch.from_numpy(indices).to(x.device), torch.from_numpy(values).to(x.device)
     decoded = F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum") if width else torch.zeros_like(x)
     return PursuitResult(idx, val, decoded + b_dec)
 

@@ -31,6 +31,11 @@ Reproducibility: the initial weights come from a ``torch.Generator`` seeded with
 order is a pure function of it (darkmatter.sae.batches), and a checkpoint holds everything else (weights and Adam
 state in safetensors, step and scalars in JSON), so same seed → bitwise-identical weights on one machine and
 thread count, and a resumed run ends with the same weights as an uninterrupted one.
+
+Device (darkmatter.device): the initialisation runs on the CPU (the same initial weights everywhere), then the SAE,
+Adam's state and each batch live on ``device`` and the steps run there, with the same kernels
+(darkmatter.sae.kernels does its index bookkeeping with torch ops on a GPU); the trained SAE is folded on the CPU to
+be written. A checkpoint resumes on any device (the same weights then need the same device throughout).
 """
 
 from __future__ import annotations
@@ -124,12 +129,14 @@ class Trainer:
     """Trains one SAE; ``run()`` resumes from ``checkpoint_dir`` when it holds a checkpoint of the same run."""
 
     def __init__(self, data: np.ndarray, spec: SaeSpec, cfg: SaeTrainingConfig,
-                 sae_cfg: dict[str, Any] | None = None, checkpoint_dir: str | Path | None = None):
+                 sae_cfg: dict[str, Any] | None = None, checkpoint_dir: str | Path | None = None,
+                 device: torch.device | str = "cpu"):
         self.data, self.spec, self.cfg = data, spec, cfg
+        self.device = torch.device(device)
         self.d_in = int(data.shape[1])
         self.n_steps = cfg.tokens // cfg.batch_size
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.precision = resolve_precision(cfg.precision)
+        self.precision = resolve_precision(cfg.precision, self.device)
         # the resolved precision is part of the run: a checkpoint from a machine that chose otherwise is not resumed
         self.key = stable_hash({"spec": asdict(spec), "training": to_dict(cfg), "data_shape": list(data.shape),
                                 "precision": self.precision.dtype})
@@ -144,13 +151,14 @@ class Trainer:
         extra.pop("architecture", None)
         self.sae = Sae(default_cfg(spec.architecture, self.d_in, spec.d_sae, spec.k) | extra)
         self._init_weights(sample, gen)
+        self.sae.to(self.device)
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(spec.d_sae, cfg)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=tuple(cfg.adam_betas),
                                     eps=cfg.adam_eps, fused=True)
         self.step = 0
         self.rows: list[dict[str, float]] = []
         self.l1_log_scale = 0.0
-        self.tokens_since_fired = torch.zeros(spec.d_sae, dtype=torch.int64)
+        self.tokens_since_fired = torch.zeros(spec.d_sae, dtype=torch.int64, device=self.device)
 
     @torch.no_grad()
     def _init_weights(self, sample: Tensor, gen: torch.Generator) -> None:
@@ -181,6 +189,7 @@ class Trainer:
 
     def train_step(self, x: Tensor) -> StepOutput:
         sae, cfg = self.sae, self.cfg
+        x = x.to(self.device)
         lr = lr_at(self.step, self.n_steps, cfg, self.base_lr)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -212,11 +221,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         assert self.checkpoint_dir is not None
-        tensors = {f"sae.{k}": v.detach().clone() for k, v in self.sae.state_dict().items()}
+        tensors = {f"sae.{k}": v.detach().cpu().clone() for k, v in self.sae.state_dict().items()}
         for name, p in self.sae.named_parameters():
             for key, value in self.opt.state.get(p, {}).items():
-                tensors[f"adam.{name}.{key}"] = value.detach().clone()
-        tensors["tokens_since_fired"] = self.tokens_since_fired.clone()
+                tensors[f"adam.{name}.{key}"] = value.detach().cpu().clone()
+        tensors["tokens_since_fired"] = self.tokens_since_fired.cpu().clone()
         with atomic_dir(self.checkpoint_dir) as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
             write_json(tmp / "state.json", {"key": self.key, "step": self.step, "rows": self.rows,
@@ -231,7 +240,7 @@ class Trainer:
         if meta.get("key") != self.key:
             log.warning("ignoring checkpoint %s: it belongs to another configuration", d)
             return False
-        tensors = load_safetensors(d / "state.safetensors")
+        tensors = load_safetensors(d / "state.safetensors", device=str(self.device))
         with torch.no_grad():
             self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
             for name, p in self.sae.named_parameters():
@@ -292,15 +301,17 @@ class Trainer:
 
 
 def train_to_folder(data: np.ndarray, spec: SaeSpec, cfg: SaeTrainingConfig, out: str | Path,
-                    sae_cfg: dict[str, Any] | None = None, params: Any = None, progress: bool = True) -> TrainResult:
-    """Train (resuming from ``.<name>.ckpt`` beside ``out``) and write the SAE folder atomically:
-    cfg.json, sae_weights.safetensors, train_log.parquet, provenance.json."""
+                    sae_cfg: dict[str, Any] | None = None, params: Any = None, progress: bool = True,
+                    device: torch.device | str = "cpu", device_info: dict[str, Any] | None = None) -> TrainResult:
+    """Train on ``device`` (resuming from ``.<name>.ckpt`` beside ``out``) and write the SAE folder atomically:
+    cfg.json, sae_weights.safetensors, train_log.parquet, provenance.json (with ``device_info``,
+    darkmatter.device)."""
     started = time.time()
     out = Path(out)
-    trainer = Trainer(data, spec, cfg, sae_cfg, checkpoint_dir=checkpoint_of(out))
+    trainer = Trainer(data, spec, cfg, sae_cfg, checkpoint_dir=checkpoint_of(out), device=device)
     result = trainer.run(progress=progress)
     assert result is not None
-    write_trained(trainer, result, out, params, started)
+    write_trained(trainer, result, out, params, started, extra={"device": device_info})
     shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)  # type: ignore[arg-type]
     return result
 

@@ -1,6 +1,7 @@
 # Shared names for every rule: the experiment's paths (darkmatter.paths, also used by the library), the
 # interpreter, the SAEs to train, and wildcard patterns. Each rule passes its step's config slice
 # (darkmatter.config.steps) so that it reruns only when a value it reads changes.
+import os
 import re
 import shlex
 import sys
@@ -10,11 +11,15 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 from darkmatter.config import step_params
+from darkmatter.device import ENV_VAR as DEVICE_ENV_VAR
 from darkmatter.resources import model_shape, step_resources
 from darkmatter.paths import ExperimentPaths
 from darkmatter.sae.families import error_sae_base, expand_families, widest
 
 P = ExperimentPaths.of(EXP.name)
+# every step's device (the default of the CLI's --device, darkmatter.device): through the environment, not --params,
+# so that moving a run to a GPU (or back) reruns nothing; each job re-reads this file, also on a cluster node
+os.environ[DEVICE_ENV_VAR] = EXP.device
 CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 if CONDA:  # --sdm conda: the job's environment (workflow/envs/darkmatter.yaml) is activated first on PATH
     PY = "python"
