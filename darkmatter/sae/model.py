@@ -197,10 +197,15 @@ def fold(sae: Sae, input_scale: float = 1.0) -> Sae:
 # ---------------------------------------------------------------------------------------------- save / load
 
 
+SAELENS_NAMES = {"relu": "standard"}
+
+
 def write_sae_files(sae: Sae, folder: str | Path) -> None:
     """Write cfg.json + sae_weights.safetensors into an existing folder (non-atomic; see :func:`save_sae`)."""
     folder = Path(folder)
-    write_json(folder / CFG_FILE, sae.cfg)
+    # the architecture under SAELens' own name ("standard" for relu) so that SAELens opens the folder too; reading
+    # it back gives ours (darkmatter.sae.architectures aliases)
+    write_json(folder / CFG_FILE, sae.cfg | {"architecture": SAELENS_NAMES.get(sae.architecture, sae.architecture)})
     save_file({k: v.cpu() for k, v in sae.tensors().items()}, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 

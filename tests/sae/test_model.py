@@ -75,7 +75,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, arch):
     x = torch.randn(20, D_IN)
     assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["architecture"] == arch and cfg["d_in"] == D_IN and cfg["d_sae"] == D_SAE
+    # on disk under SAELens' name, so that SAELens opens it (bench/interop.py: SAELens itself reads these folders)
+    assert cfg["architecture"] == {"relu": "standard"}.get(arch, arch) and cfg["d_in"] == D_IN and cfg["d_sae"] == D_SAE
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
