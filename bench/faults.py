@@ -12,7 +12,8 @@ Kill points, each measured from the moment the job's process started:
 - ``early``: a quarter of the step's reference duration (on the smoke experiment mostly start-up: imports and
   loading inputs);
 - ``mid``: for a step that checkpoints (harvest, train_sae, train_error_saes), the first moment its progress
-  record shows at least half the work done; for the others half the step's reference duration;
+  record shows at least half the work done; for the others the first moment its temporary output exists (it is
+  computing or writing it), or half the step's reference duration, whichever comes first;
 - ``final``: inside the final write: the process is paused (bench/faults_hook/sitecustomize.py) just before
   it renames its completed temporary output onto the final name, then killed.
 
@@ -51,7 +52,8 @@ HOOK_DIR = Path(__file__).resolve().parent / "faults_hook"
 POINTS = ("early", "mid", "final")
 # the steps that checkpoint, and where their progress record sits relative to the job's (first) output
 RESUMABLE = ("harvest", "train_sae", "train_error_saes")
-VOLATILE_JSON = {"finished_at", "seconds", "train_seconds", "eval_seconds", "bf16_speedup"}  # clocks, timings
+# clocks, timings and throughputs
+VOLATILE_JSON = {"finished_at", "seconds", "train_seconds", "eval_seconds", "bf16_speedup", "tokens_per_s"}
 VOLATILE_PROVENANCE = {"git_sha", "git_dirty"}  # fixes committed during the campaign change these only
 POLL_S = 0.002
 
@@ -285,6 +287,11 @@ def differing(ref: Path, got: Path) -> list[str]:
     return diffs + [str(p) for p in sorted(files & other) if not same_file(ref / p, got / p)]
 
 
+def writing(workdir: Path, job: Job) -> bool:
+    """Whether a temporary output of ``job`` (darkmatter.io's ``.<name>.tmp-<pid>``) exists."""
+    return any(any((workdir / rel).parent.glob(f".{(workdir / rel).name}.tmp-*")) for rel in job.outputs)
+
+
 def hidden_siblings(workdir: Path, job: Job) -> list[str]:
     """Temporary, partial and checkpoint siblings (``.<name>.*``) of the job's outputs."""
     found = []
@@ -321,7 +328,7 @@ class Outcome:
     @property
     def survived(self) -> bool:
         return (self.landed and self.rerun_ok and self.identical and not self.partial_under_final_name
-                and self.resumed_correctly is not False)
+                and self.resumed_correctly is not False and not self.left_beside_after_rerun)
 
 
 def run_case(ref: Path, config: Path, job: Job, point: str, root: Path, fraction: float | None = None,
@@ -369,7 +376,7 @@ def run_case(ref: Path, config: Path, job: Job, point: str, root: Path, fraction
                 fire = bool(done) and min(done.values()) >= 0.5 if job.rule != "train_error_saes" else (
                     len(done) == 3 and min(done.values()) >= 0.5)
             else:
-                fire = elapsed >= fraction * job.seconds
+                fire = elapsed >= fraction * job.seconds or (point == "mid" and writing(work, job))
             if fire:
                 res.landed = alive(pid)
                 res.killed_at_s = round(elapsed, 3)
@@ -516,7 +523,7 @@ def campaign(quick: bool, steps: list[str] | None, points: tuple[str, ...], root
 
     for job, point in cases:
         t0 = time.monotonic()
-        typed = not outcomes  # the first case reruns exactly as a user would; the others skip --unlock's start-up
+        typed = not outcomes and not quick  # the first case reruns as a user would; the rest skip --unlock
         o = run_case(ref, config, job, point, root, as_typed=typed)
         if not o.landed and point in ("early", "mid") and job.rule not in RESUMABLE:  # too late: once earlier
             o = run_case(ref, config, job, point, root, fraction={"early": 0.1, "mid": 0.3}[point], as_typed=typed)
