@@ -183,12 +183,13 @@ def job_process(root: int) -> int | None:
     return None
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL Snakemake's process group and every descendant (a pre-emption gives nobody time to clean up)."""
-    pids = descendants(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for pid in pids:  # a job that left Snakemake's process group too
+def kill_tree(proc: subprocess.Popen, job_pid: int | None = None) -> None:
+    """SIGKILL Snakemake's process group and every descendant (a pre-emption gives nobody time to clean up): the
+    group and the step's process at once, then anything that left the group (scanning /proc takes a while)."""
+    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), lambda: job_pid and os.kill(job_pid, signal.SIGKILL)):
+        with contextlib.suppress(ProcessLookupError):
+            kill()
+    for pid in descendants(proc.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
@@ -380,7 +381,7 @@ def run_case(ref: Path, config: Path, job: Job, point: str, root: Path, fraction
             if fire:
                 res.landed = alive(pid)
                 res.killed_at_s = round(elapsed, 3)
-                kill_tree(proc)
+                kill_tree(proc, pid)
                 break
         time.sleep(POLL_S)
     if proc.poll() is None:  # never reached its kill point
