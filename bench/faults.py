@@ -19,8 +19,9 @@ Kill points, each measured from the moment the job's process started:
 
 The smoke config runs with ``training.checkpoint_every: 10`` (smoke's 58 training steps would otherwise never
 checkpoint; the default run's ~490 steps checkpoint every 100). Outputs are compared byte for byte, except
-the wall-clock fields of JSON records (``finished_at``, ``seconds``, ``*_seconds``; and the git state in
-provenance.json) and the DuckDB store, compared table by table (its file layout is not a result).
+the wall-clock fields of JSON records (``finished_at``, ``seconds``, ``*_seconds``, throughputs; and the git
+state in provenance.json), the report's render time and code version, and the DuckDB store, compared table by
+table (its file layout is not a result).
 
     python -m bench.faults [--quick] [--steps harvest,train_sae] [--points early,mid,final]
 
@@ -55,6 +56,8 @@ RESUMABLE = ("harvest", "train_sae", "train_error_saes")
 # clocks, timings and throughputs
 VOLATILE_JSON = {"finished_at", "seconds", "train_seconds", "eval_seconds", "bf16_speedup", "tokens_per_s"}
 VOLATILE_PROVENANCE = {"git_sha", "git_dirty"}  # fixes committed during the campaign change these only
+# the report's render time and the code version it was rendered with (its results come from the store)
+VOLATILE_HTML = (r"Rendered \d{4}-\d\d-\d\d \d\d:\d\d UTC", r"<dt>code</dt><dd>.*?</dd>")
 POLL_S = 0.002
 
 
@@ -260,7 +263,15 @@ def same_file(a: Path, b: Path) -> bool:
             return False
     if a.suffix == ".duckdb":
         return duckdb_tables(a) == duckdb_tables(b)
+    if a.suffix == ".html":
+        return _mask_html(a.read_text()) == _mask_html(b.read_text())
     return False
+
+
+def _mask_html(text: str) -> str:
+    for pattern in VOLATILE_HTML:
+        text = re.sub(pattern, "", text, flags=re.S)
+    return text
 
 
 def duckdb_tables(path: Path) -> dict[str, list]:
@@ -510,6 +521,7 @@ def campaign(quick: bool, steps: list[str] | None, points: tuple[str, ...], root
             "comparison": {"bitwise": "every file byte for byte, except:",
                            "json_ignored_keys": sorted(VOLATILE_JSON),
                            "provenance_ignored_keys": sorted(VOLATILE_PROVENANCE),
+                           "html_ignored": list(VOLATILE_HTML),
                            "duckdb": "compared table by table, row by row"},
             "outcomes": [asdict(o) | {"survived": o.survived} for o in outcomes],
             "cases_planned": len(cases),
