@@ -293,8 +293,9 @@ def differing(ref: Path, got: Path) -> list[str]:
         return [f"{got.name} (missing)"]
     if ref.is_file():
         return [] if got.is_file() and same_file(ref, got) else [got.name]
-    files = {p.relative_to(ref) for p in ref.rglob("*") if p.is_file()}
-    other = {p.relative_to(got) for p in got.rglob("*") if p.is_file()}
+    # .snakemake_timestamp: Snakemake's mark of a finished directory output, not part of the step's output
+    files = {p.relative_to(ref) for p in ref.rglob("*") if p.is_file() and p.name != ".snakemake_timestamp"}
+    other = {p.relative_to(got) for p in got.rglob("*") if p.is_file() and p.name != ".snakemake_timestamp"}
     diffs = [f"{p} (missing)" for p in sorted(files - other)] + [f"{p} (extra)" for p in sorted(other - files)]
     return diffs + [str(p) for p in sorted(files & other) if not same_file(ref / p, got / p)]
 
