@@ -4,8 +4,10 @@ raised when an input does not fit what a step expects."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,27 @@ def check_finite(rows: Any, start: int, where: str, ids: Any = None) -> None:
         raise InputError(f"{where}: row {row} holds NaN or infinite values; expected finite activations.")
 
 
+def _temporary(final: Path) -> Path:
+    """The temporary name of ``final`` for this process, after removing those of processes that no longer run:
+    a killed writer (SIGKILL, pre-emption) cannot clean up, and its leftovers can be as large as the output."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.tmp-(\d+)(\..*)?")  # (.wal: DuckDB's log beside its file)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        m = pattern.fullmatch(stale.name)
+        if m and int(m.group(1)) != os.getpid() and not _running(int(m.group(1))):
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``final``; on success it replaces ``final`` in one rename.
@@ -38,7 +61,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = _temporary(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -58,7 +81,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     exception (or a kill) leaves ``final`` as it was and no temporary file behind."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = _temporary(final)
     tmp.unlink(missing_ok=True)
     try:
         yield tmp

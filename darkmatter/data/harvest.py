@@ -2,7 +2,9 @@
 
 The forward pass stops right after the last hooked module when loss is not needed. A harvest writes into a
 hidden partial folder, records its progress after every batch, resumes from there when rerun after an
-interruption, and renames the folder into place only when complete.
+interruption, and renames the folder into place only when complete. The progress record (and the losses so far)
+sit beside the partial folder, not in it, so that they outlive its rename: a harvest killed at any moment before
+the rename, even after its last batch, resumes instead of starting again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from darkmatter.data.models import hook_module, logits_from_hidden, output_tensor
-from darkmatter.io import load_npy, read_json, write_json
+from darkmatter.io import atomic_file, load_npy, read_json, write_json
 from darkmatter.precision import autocast
 from darkmatter.provenance import write_provenance
 
@@ -97,20 +99,23 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
     keep = ctx - spec.min_pos
     rows = n_ctx * keep
     partial = out.with_name(f".{out.name}.partial")
-    state_path = partial / "progress.json"
+    state_path = out.with_name(f".{out.name}.progress.json")
+    loss_path = out.with_name(f".{out.name}.loss.npy")
     key = {"params": params, "shape": [n_ctx, ctx], "spec": spec.__dict__ | {"hooks": list(spec.hooks)}}
     done = 0
-    if state_path.is_file() and read_json(state_path).get("key") == key:
+    if partial.is_dir() and state_path.is_file() and read_json(state_path).get("key") == key:
         done = read_json(state_path)["done_contexts"]
         log.info("resuming the harvest of %s at context %d/%d", out, done, n_ctx)
     else:
         shutil.rmtree(partial, ignore_errors=True)
+        state_path.unlink(missing_ok=True)
+        loss_path.unlink(missing_ok=True)
         partial.mkdir(parents=True)
     ids_all = torch.from_numpy(tokens.astype(np.int64))
     stores: dict[str, _RowWriter] = {}
     losses = np.full((n_ctx, keep), np.nan, dtype=np.float32)
     if done and spec.with_loss:
-        losses[:done] = load_npy(partial / "loss.npy")[:done]
+        losses[:done] = load_npy(loss_path)[:done]
 
     bar = tqdm(total=n_ctx * ctx, initial=done * ctx, unit="tok", unit_scale=True, disable=not progress,
                desc=f"harvest {out.name}")
@@ -130,8 +135,9 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
                     if hook not in stores:
                         stores[hook] = _RowWriter(partial / f"{hook}.npy", rows, a.shape[-1], create=not done)
                     stores[hook].write(start * keep, a)
-                if spec.with_loss:
-                    np.save(partial / "loss.npy", losses)
+                if spec.with_loss:  # atomically: a kill while saving must not spoil the losses already recorded
+                    with atomic_file(loss_path) as tmp, open(tmp, "wb") as f:
+                        np.save(f, losses)
                 # Written data sits in the page cache, so it survives a killed process: record progress now.
                 write_json(state_path, {"key": key, "done_contexts": stop})
                 bar.update((stop - start) * ctx)
@@ -155,12 +161,12 @@ def harvest(model: torch.nn.Module, tokens: np.ndarray, spec: HarvestSpec, out: 
         "min_pos": spec.min_pos, "rows": rows, "with_loss": spec.with_loss, "dtype": "float32",
         "autocast_bf16": spec.autocast_bf16, "precision": precision, "device": device_info,
     })
-    (partial / "loss.npy").unlink(missing_ok=True)
-    state_path.unlink()
     write_provenance(partial, params, started=started, extra={"precision": precision, "device": device_info})
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
+    state_path.unlink()  # a kill before this leaves a record that the next run ignores (no partial folder)
+    loss_path.unlink(missing_ok=True)
     return out
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -113,7 +116,70 @@ def test_interrupted_harvest_resumes_to_the_same_result(llama, tmp_path, monkeyp
     for hook in HOOKS:
         np.testing.assert_array_equal(resumed.activations(hook), ref.activations(hook))
     np.testing.assert_array_equal(resumed.index()["loss"].to_numpy(), ref.index()["loss"].to_numpy())
-    assert not (tmp_path / ".run.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref", "run"]  # no partial folder or progress record
+
+
+def test_harvest_killed_at_its_final_rename_resumes_without_recomputing(llama, tmp_path, monkeypatch):
+    """Killed after its last batch, just before the partial folder becomes the output: the rerun runs no batch."""
+    model, _ = llama
+    toks = _tokens(n_ctx=10)
+    ref = ActivationStore(harvest(model, toks, _spec(batch_contexts=2), tmp_path / "ref", progress=False))
+    rename = harvest_module.Path.rename
+
+    def killed(self, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harvest_module.Path, "rename", killed)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        harvest(model, toks, _spec(batch_contexts=2), out, params={"x": 1}, progress=False)
+    monkeypatch.setattr(harvest_module.Path, "rename", rename)
+    assert not out.exists()
+    calls = {"n": 0}
+    original = harvest_module.next_token_loss
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(harvest_module, "next_token_loss", counted)
+    resumed = ActivationStore(harvest(model, toks, _spec(batch_contexts=2), out, params={"x": 1}, progress=False))
+    assert calls["n"] == 0
+    for hook in HOOKS:
+        np.testing.assert_array_equal(resumed.activations(hook), ref.activations(hook))
+    np.testing.assert_array_equal(resumed.index()["loss"].to_numpy(), ref.index()["loss"].to_numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref", "run"]
+
+
+def test_harvest_killed_while_saving_its_losses_resumes(llama, tmp_path, monkeypatch):
+    """A kill in the middle of saving the per-token losses must not spoil the losses of the batches recorded."""
+    model, _ = llama
+    toks = _tokens(n_ctx=10)
+    ref = ActivationStore(harvest(model, toks, _spec(batch_contexts=2), tmp_path / "ref", progress=False))
+    saves = {"n": 0}
+    save = np.save
+
+    def half_written_then_killed(file, arr, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 3:  # the third batch: half the bytes reach the file, then the process dies
+            buf = io.BytesIO()
+            save(buf, arr)
+            data = buf.getvalue()
+            with contextlib.ExitStack() as stack:
+                f = file if hasattr(file, "write") else stack.enter_context(open(file, "wb"))
+                f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+        return save(file, arr, *args, **kwargs)
+
+    monkeypatch.setattr(harvest_module.np, "save", half_written_then_killed)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        harvest(model, toks, _spec(batch_contexts=2), out, params={"x": 1}, progress=False)
+    monkeypatch.setattr(harvest_module.np, "save", save)
+    resumed = ActivationStore(harvest(model, toks, _spec(batch_contexts=2), out, params={"x": 1}, progress=False))
+    np.testing.assert_array_equal(resumed.index()["loss"].to_numpy(), ref.index()["loss"].to_numpy())
+    for hook in HOOKS:
+        np.testing.assert_array_equal(resumed.activations(hook), ref.activations(hook))
 
 
 def test_store_errors(tmp_path, llama):
