@@ -21,7 +21,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_saes, in_family, modal_group
 from darkmatter.analysis.stats import r2_interval, resampling_summary
-from darkmatter.analysis.verdict import Verdict, most_above
+from darkmatter.analysis.verdict import Verdict, most_above_in
 from darkmatter.errors.measure import METRICS, TEST_SUMS
 from darkmatter.io import read_json
 from darkmatter.regression import GroupSums
@@ -101,7 +101,7 @@ def _sweep_axis(members: pl.DataFrame) -> str:
 def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
     """The claim's number: R²(‖SaeError‖²) above 0.9 for most SAEs (each SAE's interval, the default map)."""
     rows = table.filter(pl.col("default")) if "default" in table.columns else table
-    return most_above(rows["r2_norm_sq_low"].to_list(), rows["r2_norm_sq_high"].to_list(), 0.9, "R²(‖SaeError‖²)")
+    return most_above_in(rows, "r2_norm_sq", 0.9, "R²(‖SaeError‖²)")
 
 
 def plot(table: pl.DataFrame) -> dict:

@@ -22,7 +22,7 @@ from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_saes
 from darkmatter.analysis.stats import percentile_interval, r2_interval, resampling_summary, trend
-from darkmatter.analysis.verdict import Verdict, most_above
+from darkmatter.analysis.verdict import Verdict, most_above_in
 from darkmatter.errors.measure import TEST_SUMS
 from darkmatter.regression import GroupSums
 
@@ -171,7 +171,7 @@ def _metric_figure(table: pl.DataFrame, metric: str, title: str):
 
 def verdict(summary: dict, table: pl.DataFrame) -> Verdict:
     """The claim's first number: R²(‖SaeError‖²) above 0.9 for most SAEs of the grid (each SAE's interval)."""
-    return most_above(table["r2_norm_sq_low"].to_list(), table["r2_norm_sq_high"].to_list(), 0.9, "R²(‖SaeError‖²)")
+    return most_above_in(table, "r2_norm_sq", 0.9, "R²(‖SaeError‖²)")
 
 
 def plot(table: pl.DataFrame) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from darkmatter.config import RandomModelConfig
 from darkmatter.data.models import build_random_model, load_model
+from tests.chromium import INSTALL_HINT, find_chromium
 from tests.helpers import REPO, torch_threads
 
 __all__ = ["REPO"]
@@ -59,3 +61,15 @@ def llama(llama_dir):
 @pytest.fixture(scope="session")
 def gpt2(gpt2_dir):
     return load_model(str(gpt2_dir))
+
+
+@pytest.fixture(scope="module")
+def chromium_binary() -> str:
+    """The headless Chromium of the browser tests (the report, the hostile-corpus check)."""
+    binary = find_chromium()
+    if binary is None:
+        message = f"Chromium is not installed; {INSTALL_HINT}."
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must run the browser tests, never pass without them
+        pytest.skip(message)
+    return binary

@@ -18,12 +18,11 @@ import types
 from pathlib import Path
 
 import polars as pl
-import pytest
 
 from darkmatter.analysis import AnalysisContext, run
 from darkmatter.report.render import render_report
 from tests import helpers
-from tests.chromium import INSTALL_HINT, Chromium, find_chromium
+from tests.chromium import Chromium
 from tests.helpers import REPO, fake_analysis_module, make_report_experiment
 
 NETGUARD = REPO / "tests" / "netguard"
@@ -121,17 +120,6 @@ s = "eval(x) exec(y) import pickle"  # a string, not code
 HOSTILE = ("</script>", "<img src=x onerror=alert(1)>", "<script>alert(1)</script>", "{{ 7*7 }}")
 # alert() sets a canary instead of opening a dialog (a dialog would block the page)
 CANARY = "window.__alerted = []; window.alert = (m) => window.__alerted.push(String(m));"
-
-
-@pytest.fixture(scope="module")
-def chromium_binary() -> str:
-    binary = find_chromium()
-    if binary is None:
-        message = f"Chromium is not installed; {INSTALL_HINT}."
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI must run the browser tests, never pass without them
-        pytest.skip(message)
-    return binary
 
 
 def _hostile_report(root: Path, monkeypatch) -> helpers.ReportExperiment:

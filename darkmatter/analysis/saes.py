@@ -13,7 +13,8 @@ def family_name(ctx: AnalysisContext, sweep: Literal["width", "k"]) -> str:
     """Name of the family that sweeps ``sweep`` (width: several widths; k: several ks) on the primary hook.
 
     The first such family in config order, judged by its SAEs in the store (an imported family's widths and ks
-    are read from its files, not its config); with none, the default names ``"width"`` / ``"k"``.
+    are read from its files, not its config); else the first whose config grid sweeps it; else the default names
+    ``"width"`` / ``"k"``.
     """
     column = "width" if sweep == "width" else "k"
     with ctx.connect() as con:
@@ -21,6 +22,9 @@ def family_name(ctx: AnalysisContext, sweep: Literal["width", "k"]) -> str:
     for fam in ctx.families:
         values = {r[1 if column == "width" else 2] for r in rows if fam["name"] in (r[0] or "").split(",")}
         if len(values) > 1:
+            return str(fam["name"])
+    for fam in ctx.families:  # none in the store: the family the config says sweeps it (its analyses find no SAEs)
+        if not fam.get("source") and len(fam.get(f"{column}s") or ()) > 1:
             return str(fam["name"])
     return sweep
 

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Word = Literal["agrees", "differs", "undetermined"]
 WORDS: tuple[Word, ...] = ("agrees", "differs", "undetermined")
@@ -65,6 +65,14 @@ def most_above(lows: Sequence[float], highs: Sequence[float], boundary: float, w
     words = [by_interval(lo, hi, boundary, claim_above=True) for lo, hi in zip(lows, highs, strict=True)]
     return Verdict(by_majority(words), f"{what} above {boundary:g} (whole interval) in {words.count('agrees')} of "
                                        f"{len(words)} SAEs, below it in {words.count('differs')}")
+
+
+def most_above_in(table: Any, column: str, boundary: float, what: str) -> Verdict:
+    """:func:`most_above` over the rows' intervals ``<column>_low`` .. ``<column>_high`` of a table; undetermined
+    when the table has none (an analysis run without its bootstrap)."""
+    if f"{column}_low" not in table.columns:
+        return Verdict("undetermined", f"{what}: no intervals (the bootstrap was off)")
+    return most_above(table[f"{column}_low"].to_list(), table[f"{column}_high"].to_list(), boundary, what)
 
 
 def from_answer(answer: object, basis: str) -> Verdict:

@@ -10,7 +10,6 @@ sizes and load times in ``tests/artifacts/report_metrics*.json``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from darkmatter.report.browser import BrowserLimits
 from darkmatter.report.render import render_report
-from tests.chromium import INSTALL_HINT, Chromium, find_chromium
+from tests.chromium import Chromium
 from tests.helpers import REPO
 from tests.helpers import REPORT_ANALYSES as ANALYSES
 from tests.helpers import REPORT_SAE_IDS as SAE_IDS
@@ -30,17 +29,6 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 # nonlinear error; see tests/helpers.py).
 SPANS_JS = """[...document.querySelectorAll('#contexts span[data-t]')].map(s =>
     [s.textContent, getComputedStyle(s).backgroundColor])"""
-
-
-@pytest.fixture(scope="module")
-def chromium_binary() -> str:
-    binary = find_chromium()
-    if binary is None:
-        message = f"Chromium is not installed; {INSTALL_HINT}."
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI must run the browser tests, never pass without them
-        pytest.skip(message)
-    return binary
 
 
 @pytest.fixture(scope="module")
