@@ -32,7 +32,7 @@ smoke: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/snakemake --lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The default run's small outputs (analyses, report, published.json: the SAE table, provenance, file hashes) are
 # committed; this brings the run up to date and rewrites the manifest (see darkmatter/report/publish.py).

@@ -91,7 +91,7 @@ def _load_weights(path: Path) -> dict[str, Tensor]:
         raise SaeFormatError(str(e)) from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_cfg_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -155,7 +155,7 @@ def load_sparsify(folder: str | Path) -> Sae:
     the group-max activation are refused: they are not autoencoders of one activation.
     """
     folder = Path(folder)
-    raw = _read_json(folder / "cfg.json")
+    raw = read_cfg_json(folder / "cfg.json")
     where = str(folder)
     for flag in ("transcode", "skip_connection", "embed_skip", "gram_lookup"):
         if raw.get(flag):
@@ -179,7 +179,7 @@ def load_sparsify(folder: str | Path) -> Sae:
     m = re.fullmatch(r"(?:.*\.)?layers\.(\d+)(|\.mlp|\.self_attn|\.attn)", folder.name)
     hook_name = f"blocks.{m.group(1)}.{_SPARSIFY_HOOKS[m.group(2)]}" if m else None
     run_cfg = folder.parent / "config.json"  # the training run's config, when the whole run folder is at hand
-    model_name = _read_json(run_cfg).get("model") if run_cfg.is_file() else None
+    model_name = read_cfg_json(run_cfg).get("model") if run_cfg.is_file() else None
     cfg = _make_cfg(where, "topk", tensors, k=raw.get("k"), apply_b_dec_to_input=True, hook_name=hook_name,
                     model_name=model_name, source_dtype=dtype,
                     metadata={"source_format": "sparsify", "source_path": where, "hookpoint": folder.name})
@@ -280,7 +280,7 @@ def sae_from_saelens(raw: dict[str, Any], state: dict[str, Tensor], where: str) 
 def load_saelens(folder: str | Path) -> Sae:
     """An SAE from a SAELens-layout folder (``cfg.json`` + ``sae_weights.safetensors``), ours included."""
     folder = Path(folder)
-    return sae_from_saelens(_read_json(folder / "cfg.json"), _load_weights(folder / SAELENS_WEIGHTS), str(folder))
+    return sae_from_saelens(read_cfg_json(folder / "cfg.json"), _load_weights(folder / SAELENS_WEIGHTS), str(folder))
 
 
 def load_saelens_pretrained(release: str, sae_id: str) -> Sae:

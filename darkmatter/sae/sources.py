@@ -16,7 +16,6 @@ a trained SAE. The workflow needs the sae_ids before any job runs, so they are r
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import zipfile
@@ -36,6 +35,7 @@ from darkmatter.sae.formats import (
     detect_format,
     find_saes,
     load_sae,
+    read_cfg_json,
 )
 
 log = logging.getLogger(__name__)
@@ -88,14 +88,6 @@ def _safetensors_shape(file: Path, names: Sequence[str]) -> tuple[int, ...]:
     raise SaeFormatError(f"{file}: has none of the tensors {list(names)}.")
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SaeFormatError(f"{path}: not a readable JSON file ({e}).") from None
-    return data if isinstance(data, dict) else {}
-
-
 def describe(source: str) -> tuple[str, int, int | None]:
     """(architecture, d_sae, k) of a local SAE from its headers; k is None when neither the SAE nor its name
     states one. Raises :class:`SaeFormatError` for anything unreadable."""
@@ -107,10 +99,10 @@ def describe(source: str) -> tuple[str, int, int | None]:
         enc = "W_enc" if "W_enc" in names else "w_enc"
         return "jumprelu", _npy_shape(file, enc)[1], _l0_label(file.as_posix())
     if fmt == "sparsify":
-        cfg = _json(path / "cfg.json")
+        cfg = read_cfg_json(path / "cfg.json")
         return "topk", _safetensors_shape(path / SPARSIFY_WEIGHTS, ["encoder.weight"])[0], cfg.get("k")
     if fmt == "saelens":
-        cfg = _json(path / "cfg.json")
+        cfg = read_cfg_json(path / "cfg.json")
         meta = cfg.get("metadata") or {}
         d_sae = _safetensors_shape(path / SAELENS_WEIGHTS, ["W_enc"])[1]
         if cfg.get("activation_fn") == "topk" or cfg.get("activation_fn_str") == "topk":
