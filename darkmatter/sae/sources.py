@@ -16,6 +16,7 @@ a trained SAE. The workflow needs the sae_ids before any job runs, so they are r
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import zipfile
@@ -88,9 +89,11 @@ def _safetensors_shape(file: Path, names: Sequence[str]) -> tuple[int, ...]:
     raise SaeFormatError(f"{file}: has none of the tensors {list(names)}.")
 
 
+@functools.cache
 def describe(source: str) -> tuple[str, int, int | None]:
     """(architecture, d_sae, k) of a local SAE from its headers; k is None when neither the SAE nor its name
-    states one. Raises :class:`SaeFormatError` for anything unreadable."""
+    states one. Raises :class:`SaeFormatError` for anything unreadable. Remembered per process: the workflow
+    expands the families once per job's resource estimate, and the headers do not change during a run."""
     path = Path(source)
     fmt = detect_format(path)
     if fmt == "gemma_scope":
