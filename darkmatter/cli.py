@@ -9,6 +9,7 @@ or unreadable file) ends with one line on stderr and exit code 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -125,6 +126,13 @@ def cmd_harvest(args: argparse.Namespace) -> None:
     log.info("harvested %d tokens in %.1f s (%.0f tok/s)", n_tok, time.time() - t0, n_tok / (time.time() - t0))
 
 
+def cmd_share_data(args: argparse.Namespace) -> None:
+    from darkmatter.config import ExperimentConfig, step_slice
+    from darkmatter.data.share import share_folder
+
+    share_folder(Path(args.source), Path(args.out), _params(args), step_slice(ExperimentConfig(), args.step))
+
+
 def cmd_train_sae(args: argparse.Namespace) -> None:
     from darkmatter.config import ConfigError, ConfigSlice, SaeTrainingConfig
     from darkmatter.data.activations import ActivationStore
@@ -144,8 +152,12 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
     context = {"model_name": model_name, "hook_name": args.hook, "context_size": store.meta["context_size"]}
     # SAELens keeps these at the top level (pre-6) and under metadata (6.x); positions < min_pos never trained on
     sae_cfg = context | {"metadata": context | {"prepend_bos": True, "seqpos_slice": [store.meta["min_pos"], None]}}
-    train_to_folder(store.activations(args.hook), spec, cfg.whole(), Path(args.out), sae_cfg=sae_cfg,
-                    params=params | {"sae_id": args.sae_id, "hook": args.hook}, device=device, device_info=device_info)
+    whole = cfg.whole()
+    if spec.tokens is not None:  # a family's own budget (the sae_id's -t part) replaces training.tokens
+        whole = dataclasses.replace(whole, tokens=spec.tokens)
+    train_to_folder(store.activations(args.hook), spec, whole, Path(args.out), sae_cfg=sae_cfg,
+                    params=params | {"sae_id": args.sae_id, "hook": args.hook, "tokens": whole.tokens},
+                    device=device, device_info=device_info)
 
 
 def cmd_import_sae(args: argparse.Namespace) -> None:
@@ -322,6 +334,9 @@ def parser() -> argparse.ArgumentParser:
     p = command("harvest", "record the hooks' activations on one split", params, ("--model", "model.json"),
                 ("--corpus", "the corpus folder"), ("--out", "the activation folder to write"))
     p.add_argument("--split", choices=("train", "eval"), required=True)
+    command("share-data", "hard-link another experiment's model, corpus or activation folder (share_data_from)",
+            params, ("--step", "the step that made it: prepare-model, prepare-corpus, harvest-train or harvest-eval"),
+            ("--source", "that experiment's folder"), ("--out", "this experiment's folder to write"))
     command("train-sae", "train one SAE (an sae_id) on the train split's activations", params,
             ("--activations", "the train activation folder"), ("--model", "model.json (for the SAE's model_name)"),
             ("--hook", "the hook"), ("--sae-id", "e.g. topk-w8192-k32-s0 (darkmatter.sae.families)"),

@@ -182,7 +182,7 @@ def step_resources(cfg: ExperimentConfig, step: str, shape: ModelShape, *, split
         out["disk_mb"] = int(math.ceil(rows * d * FLOAT * len(h.hooks) / MB)) + 1024  # the pool, + index and slack
     elif step == "train-sae":
         mem = _sae_training_bytes(cfg, d, spec.d_sae)
-        sec = cfg.training.tokens * d * spec.d_sae * SAE_S
+        sec = (spec.tokens or cfg.training.tokens) * d * spec.d_sae * SAE_S
     elif step == "import-sae":  # the source's weights, their float32 copy and the copy being written
         mem, sec = 3 * 2 * spec.d_sae * d * FLOAT, 0.0
     elif step == "encode-sae":  # weights, chunks of 2**24 dense pre-activations (darkmatter.sae.codes), codes

@@ -129,6 +129,9 @@ class SaeFamilyConfig:
     # the darkmatter/SAELens, sparsify or Gemma Scope format, or a folder of several) or sae_lens:<release>:<id>;
     # sae_ids are read from the files (sae_lens sources: one of widths and ks each, in order)
     source: tuple[str, ...] = ()
+    # training token-steps of this family's SAEs (more than the pool: further epochs over it); None: training.tokens.
+    # With a value, the sae_ids end in -t<tokens> (topk-w4096-k32-s0-t8M), so budgets of one grid are distinct SAEs
+    tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,9 @@ class ExperimentConfig:
     # where the tensor work runs: auto (the first CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:<i>
     # (darkmatter.device); like the thread count it never reruns a step, and provenance records it
     device: str = "auto"
+    # another experiment (results/<name>/) whose model, corpus and activations this one uses, hard-linked instead of
+    # made again; their settings must equal this experiment's (checked against that run's provenance)
+    share_data_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)

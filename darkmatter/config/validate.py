@@ -172,6 +172,9 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
     _require(0 < an.confidence < 1, where, "analysis.confidence", "strictly between 0 and 1", an.confidence)
     names = [f.name for f in cfg.families]
     _require(len(set(names)) == len(names), where, "families", "families with distinct names", names)
+    _require(cfg.share_data_from is None or (NAME_RE.fullmatch(cfg.share_data_from) is not None
+                                             and cfg.share_data_from != cfg.name), where, "share_data_from",
+             "null or the name of another experiment (results/<name>/)", cfg.share_data_from)
     from darkmatter.sae.architectures import (
         ARCHITECTURES,  # the registry (imports torch: only when validating)
     )
@@ -194,6 +197,9 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
         for w in fam.widths:
             for k in fam.ks:
                 _require(k <= w, where, f"{p}.ks", f"values <= every width (k={k} > width {w})", fam.ks)
+        _require(fam.tokens is None or (fam.tokens >= t.batch_size and not fam.source), where, f"{p}.tokens",
+                 f"null, or at least training.batch_size ({t.batch_size}) token-steps for a trained family",
+                 fam.tokens)
     from darkmatter.sae.families import expand_families
     from darkmatter.sae.formats import SaeFormatError
 

@@ -1,6 +1,8 @@
 """SAE identifiers and family expansion: the one place where an ``sae_id`` is built or parsed.
 
-An sae_id names one trained SAE on one hook: ``{architecture}-w{d_sae}-k{k}-s{seed}``, e.g. ``topk-w8192-k32-s0``.
+An sae_id names one trained SAE on one hook: ``{architecture}-w{d_sae}-k{k}-s{seed}``, e.g. ``topk-w8192-k32-s0``,
+with ``-t{tokens}`` appended when its family sets its own training budget (``topk-w4096-k32-s0-t8M``: 8M
+token-steps instead of the experiment's ``training.tokens``).
 ``k`` is the sparsity target: exact L0 for ``topk``, mean L0 for ``batchtopk``, the target of the L0 loss for
 ``jumprelu`` and of the L1 coefficient controller for ``relu`` (see darkmatter.sae.objectives).
 
@@ -19,7 +21,17 @@ from dataclasses import dataclass
 from darkmatter.config import SaeFamilyConfig
 from darkmatter.sae.architectures import ARCHITECTURES
 
-SAE_ID_RE = re.compile(r"^(?P<architecture>[a-z]+)-w(?P<d_sae>[1-9][0-9]*)-k(?P<k>[1-9][0-9]*)-s(?P<seed>[0-9]+)$")
+SAE_ID_RE = re.compile(r"^(?P<architecture>[a-z]+)-w(?P<d_sae>[1-9][0-9]*)-k(?P<k>[1-9][0-9]*)-s(?P<seed>[0-9]+)"
+                       r"(?:-t(?P<tokens>[1-9][0-9]*)(?P<unit>[kM]?))?$")
+UNITS = {"": 1, "k": 10**3, "M": 10**6}
+
+
+def tokens_label(tokens: int) -> str:
+    """``8M`` for 8,000,000, ``500k`` for 500,000, the digits otherwise (the inverse of the sae_id's ``-t`` part)."""
+    for unit in ("M", "k"):
+        if tokens % UNITS[unit] == 0:
+            return f"{tokens // UNITS[unit]}{unit}"
+    return str(tokens)
 
 
 @dataclass(frozen=True, order=True)
@@ -30,15 +42,18 @@ class SaeSpec:
     d_sae: int
     k: int
     seed: int
+    tokens: int | None = None  # training token-steps; None: the experiment's training.tokens
 
     @property
     def sae_id(self) -> str:
-        return f"{self.architecture}-w{self.d_sae}-k{self.k}-s{self.seed}"
+        budget = f"-t{tokens_label(self.tokens)}" if self.tokens is not None else ""
+        return f"{self.architecture}-w{self.d_sae}-k{self.k}-s{self.seed}{budget}"
 
 
-def sae_id(architecture: str, d_sae: int, k: int, seed: int) -> str:
-    """``topk-w8192-k32-s0``; raises ValueError for an unknown architecture or non-positive sizes."""
-    spec = SaeSpec(architecture, int(d_sae), int(k), int(seed))
+def sae_id(architecture: str, d_sae: int, k: int, seed: int, tokens: int | None = None) -> str:
+    """``topk-w8192-k32-s0`` (``…-t8M`` with a budget); raises ValueError for an unknown architecture or
+    non-positive sizes."""
+    spec = SaeSpec(architecture, int(d_sae), int(k), int(seed), None if tokens is None else int(tokens))
     parse_sae_id(spec.sae_id)  # validates
     return spec.sae_id
 
@@ -47,9 +62,14 @@ def parse_sae_id(text: str) -> SaeSpec:
     """The inverse of :func:`sae_id` (raises ValueError naming the expected form)."""
     m = SAE_ID_RE.match(text)
     if m is None or m["architecture"] not in ARCHITECTURES:
-        raise ValueError(f"invalid sae_id {text!r}; expected '<architecture>-w<width>-k<k>-s<seed>' with architecture "
-                         f"one of {', '.join(ARCHITECTURES)}, e.g. 'topk-w8192-k32-s0'.")
-    return SaeSpec(m["architecture"], int(m["d_sae"]), int(m["k"]), int(m["seed"]))
+        raise ValueError(f"invalid sae_id {text!r}; expected '<architecture>-w<width>-k<k>-s<seed>[-t<tokens>]' with "
+                         f"architecture one of {', '.join(ARCHITECTURES)}, e.g. 'topk-w8192-k32-s0' or "
+                         "'topk-w4096-k32-s0-t500k'.")
+    tokens = None if m["tokens"] is None else int(m["tokens"]) * UNITS[m["unit"]]
+    spec = SaeSpec(m["architecture"], int(m["d_sae"]), int(m["k"]), int(m["seed"]), tokens)
+    if spec.sae_id != text:  # one name per SAE: the budget in its largest exact unit
+        raise ValueError(f"invalid sae_id {text!r}; this SAE is written {spec.sae_id!r}.")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -99,7 +119,7 @@ def expand_families(families: Sequence[SaeFamilyConfig], primary_hook: str) -> l
         for width in fam.widths:
             for k in fam.ks:
                 for seed in fam.seeds:
-                    key = (hook, SaeSpec(fam.architecture, width, k, seed))
+                    key = (hook, SaeSpec(fam.architecture, width, k, seed, fam.tokens))
                     if key in sources:
                         raise ValueError(f"{sources[key]} is {key[1].sae_id} on {hook}, which family {fam.name!r} "
                                          "also trains; an sae_id names one SAE.")

@@ -70,5 +70,5 @@ def members_of(hook):
 
 wildcard_constraints:
     hook=r"blocks\.\d+\.hook_[a-z_]+",
-    sae_id=r"[a-z]+-w\d+-k\d+-s\d+",
+    sae_id=r"[a-z]+-w\d+-k\d+-s\d+(-t\d+[kM]?)?",
     split="train|eval",
