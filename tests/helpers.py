@@ -252,9 +252,12 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
             for w in fam.widths:
                 for k in fam.ks:
                     saes.setdefault(SaeSpec("topk", w, k, 0), topk_sae(planted.features[:w], planted.bias, k))
+        grown: dict[str, SaeFamilyConfig] = {}  # extra families, one per name (a training budget's: tokens set)
         for spec, (fam_name, sae) in (extra or {}).items():
-            families.append(SaeFamilyConfig(fam_name, spec.architecture, HOOK, (spec.d_sae,), (spec.k,)))
+            widths = (*grown[fam_name].widths, spec.d_sae) if fam_name in grown else (spec.d_sae,)
+            grown[fam_name] = SaeFamilyConfig(fam_name, spec.architecture, HOOK, widths, (spec.k,), tokens=spec.tokens)
             saes[spec] = sae
+        families += grown.values()
         for spec, sae in saes.items():
             save_sae(sae, paths.sae(HOOK, spec.sae_id))
             encode_to_folder(sae, planted.x, paths.codes(HOOK, spec.sae_id), {"sae_id": spec.sae_id, "hook": HOOK},

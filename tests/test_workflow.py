@@ -17,6 +17,7 @@ import yaml
 
 from darkmatter.config import load_config
 from darkmatter.device import resolve_device
+from darkmatter.paths import ExperimentPaths
 from darkmatter.resources import model_shape, step_resources
 from darkmatter.sae.families import expand_families, widest
 from darkmatter.sae.model import Sae, default_cfg, save_sae
@@ -54,6 +55,28 @@ def test_dry_run_plans_every_step(configfile, tmp_path):
     assert res.returncode == 0, res.stderr
     for rule in ("prepare_model", "prepare_corpus", "harvest"):
         assert rule in res.stdout
+
+
+def test_budget_config_shares_the_defaults_data_or_says_to_run_it_first(tmp_path):
+    """config/budget.yaml plans its 10 SAEs on the default experiment's data, linked, never harvested again; before
+    the default has run, it stops with one sentence."""
+    args = [*SNAKEMAKE, "-n", "-p", "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory",
+            str(tmp_path), "--configfile", str(REPO / "config" / "budget.yaml")]
+    res = _run(args)
+    assert res.returncode != 0 and "share_data_from: default: results/default/model/model.json does not exist; " \
+        "run that experiment first" in res.stdout + res.stderr, res.stdout[-2000:]
+    default = ExperimentPaths.of("default", tmp_path)
+    for folder in (default.model_json.parent, default.corpus, default.activations("train"), default.activations("eval")):
+        folder.mkdir(parents=True)
+    default.model_json.write_text("{}")
+    plan = _run(args)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    jobs = _jobs(plan.stdout)
+    assert sorted(k for k in jobs if k.startswith("train_sae/")) == sorted(
+        f"train_sae/hook=blocks.15.hook_resid_post, sae_id=topk-w{w}-k32-s0-t{t}"
+        for t in ("500k", "1M", "2M", "4M", "8M") for w in (4096, 16384))
+    assert plan.stdout.count("darkmatter.cli share-data --step") == 4  # model, corpus, two activation splits
+    assert "darkmatter.cli --threads 2 harvest" not in plan.stdout and "cli prepare-corpus" not in plan.stdout
 
 
 def _plan(args: list[str], tmp_path) -> str:

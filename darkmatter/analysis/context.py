@@ -33,11 +33,14 @@ def _documents(db: str, mtime_ns: int) -> dict[int, str | None]:
 
 @dataclass(frozen=True)
 class AnalysisContext:
-    """The experiment's ``paths``, the analysis's config slice ``params`` and its ``name`` (for its options)."""
+    """The experiment's ``paths``, the analysis's config slice ``params`` and its ``name`` (for its options).
+    ``only_families``: when set, the analysis sees only these families and their SAEs (the training-budget
+    analysis asks each question of one budget's family at a time)."""
 
     paths: ExperimentPaths
     params: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    only_families: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------------------ configuration
     @property
@@ -58,8 +61,10 @@ class AnalysisContext:
 
     @property
     def families(self) -> list[dict[str, Any]]:
-        """The experiment's family dicts (name, architecture, widths, ks, ...); the defaults when absent."""
-        return list(self.params.get("families") or to_dict(ExperimentConfig().families))
+        """The experiment's family dicts (name, architecture, widths, ks, ...); the defaults when absent; only
+        ``only_families`` when set."""
+        families = list(self.params.get("families") or to_dict(ExperimentConfig().families))
+        return [f for f in families if f["name"] in self.only_families] if self.only_families else families
 
     @property
     def hook(self) -> str:

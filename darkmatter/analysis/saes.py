@@ -35,7 +35,8 @@ def in_family(name: str) -> pl.Expr:
 
 
 def family_saes(ctx: AnalysisContext, name: str | None = None) -> pl.DataFrame:
-    """Rows of ``saes`` in family ``name`` (all SAEs when None) on the primary hook.
+    """Rows of ``saes`` in family ``name`` (all SAEs when None: those of ``ctx.only_families`` when set) on the
+    primary hook.
 
     Sorted by architecture, k, width, seed so that tables and figures read in sweep order.
     """
@@ -43,6 +44,9 @@ def family_saes(ctx: AnalysisContext, name: str | None = None) -> pl.DataFrame:
     if name is not None:
         where.append("list_contains(string_split(families, ','), ?)")
         args.append(name)
+    elif ctx.only_families:
+        where.append("list_has_any(string_split(families, ','), ?)")
+        args.append(list(ctx.only_families))
     sql = f"SELECT * FROM saes WHERE {' AND '.join(where)} ORDER BY architecture, k, width, seed"
     with ctx.connect() as con:
         return con.sql(sql, params=args).pl()

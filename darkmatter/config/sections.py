@@ -280,6 +280,14 @@ class ProbeMechanismOptions:
     min_fires: int = 5
 
 
+@dataclass(frozen=True)
+class TrainingBudgetOptions:
+    """analyses/training_budget.py: ``reference_tokens`` is the budget whose intervals and verdicts the others are
+    compared with (the default recipe's training.tokens)."""
+
+    reference_tokens: int = 2_000_000
+
+
 ANALYSES = (
     "error_predictability",
     "scaling_decomposition",
@@ -304,11 +312,15 @@ class AnalysisConfig:
     names: tuple[str, ...] = ANALYSES
     bootstrap: int = 200  # bootstrap resamples (of eval documents) for confidence intervals
     confidence: float = 0.95
+    # an experiment (results/<name>/, e.g. config/budget.yaml's) whose training_budget analysis says whether this
+    # one's disagreements with the paper hold as the SAEs train longer; the report adds it to each verdict
+    budget_study: str | None = None
     scaling_decomposition: ScalingDecompositionOptions = field(default_factory=ScalingDecompositionOptions)
     error_component_saes: ErrorComponentSaesOptions = field(default_factory=ErrorComponentSaesOptions)
     per_token_scaling: PerTokenScalingOptions = field(default_factory=PerTokenScalingOptions)
     synthetic_validation: SyntheticValidationOptions = field(default_factory=SyntheticValidationOptions)
     probe_mechanism: ProbeMechanismOptions = field(default_factory=ProbeMechanismOptions)
+    training_budget: TrainingBudgetOptions = field(default_factory=TrainingBudgetOptions)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...] | None]] = {
                       "analysis": ALL},
 }
 
+# an analysis that runs others (analyses/training_budget.py) also reads their options
+READS_OPTIONS_OF: dict[str, tuple[str, ...]] = {"training_budget": ("scaling_decomposition",)}
+
 
 def step_slice(cfg: ExperimentConfig, step: str, analysis: str | None = None) -> dict[str, Any]:
     """The config slice of a workflow step (:data:`STEP_KEYS`); ``analysis``: for ``run-analysis``, the name of
@@ -45,8 +48,9 @@ def step_slice(cfg: ExperimentConfig, step: str, analysis: str | None = None) ->
     for section, keys in STEP_KEYS[step].items():
         data = to_dict(getattr(cfg, section))
         out[section] = data if keys is ALL else {k: data[k] for k in keys}
-    if analysis is not None and hasattr(cfg.analysis, analysis) and analysis not in STEP_KEYS[step]["analysis"]:
-        out["analysis"][analysis] = to_dict(getattr(cfg.analysis, analysis))
+    for name in (analysis, *READS_OPTIONS_OF.get(analysis, ())) if analysis is not None else ():
+        if hasattr(cfg.analysis, name) and name not in STEP_KEYS[step]["analysis"]:
+            out["analysis"][name] = to_dict(getattr(cfg.analysis, name))
     return out
 
 

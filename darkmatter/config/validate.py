@@ -169,6 +169,10 @@ def validate(cfg: ExperimentConfig, where: str = "config") -> ExperimentConfig:
              "silent >= 0 and timeout_s > 0", (jd.silent, jd.timeout_s))
     _require(an.scaling_decomposition.flat_margin_pct > 0, where, "analysis.scaling_decomposition.flat_margin_pct",
              "> 0", an.scaling_decomposition.flat_margin_pct)
+    _require(an.training_budget.reference_tokens >= 1, where, "analysis.training_budget.reference_tokens", ">= 1",
+             an.training_budget.reference_tokens)
+    _require(an.budget_study is None or NAME_RE.fullmatch(an.budget_study) is not None, where,
+             "analysis.budget_study", "null or an experiment name", an.budget_study)
     _require(0 < an.confidence < 1, where, "analysis.confidence", "strictly between 0 and 1", an.confidence)
     names = [f.name for f in cfg.families]
     _require(len(set(names)) == len(names), where, "families", "families with distinct names", names)

@@ -28,7 +28,7 @@ from darkmatter.analysis.contract import load_outputs
 from darkmatter.analysis.contract import method as module_method
 from darkmatter.analysis.contract import question as module_question
 from darkmatter.config import stable_hash
-from darkmatter.io import write_text
+from darkmatter.io import read_json, write_text
 from darkmatter.paths import ExperimentPaths
 from darkmatter.provenance import git_state, package_versions
 from darkmatter.report.browser import DEFAULT_LIMITS, BrowserLimits, browser_data
@@ -60,6 +60,9 @@ class AnalysisSection:
     reason: str = ""
     verdict: str = ""  # agrees / differs / undetermined (darkmatter.analysis.verdict); empty: the analysis has none
     verdict_basis: str = ""
+    # from a training-budget experiment (analyses/training_budget.py): robust / moves toward|away from the paper
+    robustness: str = ""
+    robustness_basis: str = ""
     seconds: float | None = None
     summary: list[tuple[str, str]] = field(default_factory=list)
     figures: list[tuple[str, str]] = field(default_factory=list)  # (name, data URI)
@@ -125,6 +128,32 @@ def load_section(folder: Path, name: str) -> AnalysisSection:
     )
 
 
+def budget_summary(paths: ExperimentPaths, config: dict[str, Any]) -> dict[str, Any]:
+    """The summary of the training-budget analysis of the experiment named ``analysis.budget_study`` (a sibling of
+    this experiment's results folder; empty when none is named or it has not run)."""
+    study = (config.get("analysis") or {}).get("budget_study")
+    if not study:
+        return {}
+    path = budget_study_summary(paths, study)
+    if not path.is_file():
+        log.warning("analysis.budget_study %r has no %s yet: verdicts shown without their robustness", study, path)
+        return {}
+    return read_json(path)
+
+
+def budget_study_summary(paths: ExperimentPaths, study: str) -> Path:
+    """Where the budget study ``study`` of the experiment at ``paths`` keeps its training-budget summary."""
+    return ExperimentPaths.at(paths.root.parent / study).analysis("training_budget") / "summary.json"
+
+
+def add_robustness(sections: list[AnalysisSection], budget: dict[str, Any]) -> None:
+    """Give each section whose claim the budget study tested its robustness word and basis."""
+    for s in sections:
+        if f"robustness_{s.name}" in budget:
+            s.robustness = str(budget[f"robustness_{s.name}"])
+            s.robustness_basis = f"training budgets {budget.get('budgets', '')}: {budget[f'robustness_{s.name}_basis']}"
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("darkmatter.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -154,6 +183,7 @@ def render_report(paths: ExperimentPaths, analyses: list[str], config: dict[str,
     env = _environment()
     css = _asset("report.css")
     sections = [load_section(paths.analysis(name), name) for name in analyses]
+    add_robustness(sections, budget_summary(paths, config))
 
     store: dict[str, Any] = {"ok": db.is_file(), "path": str(db)}
     if store["ok"]:

@@ -19,11 +19,27 @@ from darkmatter.config import (
     step_slice,
     to_dict,
 )
+from darkmatter.sae.families import expand_families
 from tests.helpers import REPO
 
 
 def test_default_yaml_equals_dataclass_defaults():
-    assert load_config(REPO / "config" / "config.yaml") == ExperimentConfig()
+    """Except the one key that names the default's companion experiment (a default for every experiment would
+    show the default's budget study in theirs)."""
+    default = ExperimentConfig()
+    named = dataclasses.replace(default, analysis=dataclasses.replace(default.analysis, budget_study="budget"))
+    assert load_config(REPO / "config" / "config.yaml") == named
+
+
+def test_budget_config_shares_the_defaults_data_and_trains_one_grid_at_five_budgets():
+    cfg = load_config(REPO / "config" / "budget.yaml")
+    default = load_config(REPO / "config" / "config.yaml")
+    assert cfg.share_data_from == "default"
+    for step in ("prepare-model", "prepare-corpus", "harvest-train", "harvest-eval"):  # what it shares is equal
+        assert step_slice(cfg, step) == step_slice(default, step)
+    ids = [m.sae_id for m in expand_families(cfg.families, cfg.primary_hook)]
+    assert ids == [f"topk-w{w}-k32-s0-t{t}" for t in ("500k", "1M", "2M", "4M", "8M") for w in (4096, 16384)]
+    assert cfg.analysis.training_budget.reference_tokens == default.training.tokens
 
 
 def test_smoke_config_loads_and_round_trips():
@@ -88,6 +104,12 @@ def _bad(tmp_path, data: dict) -> str:
         ({"families": [{"name": "w", "widths": [0]}]}, "families[0].widths", ">= 1"),
         ({"families": [{"name": "w", "widths": [16], "ks": [32]}]}, "families[0].ks", "k=32 > width 16"),
         ({"families": [{"name": "w"}, {"name": "w"}]}, "families", "distinct names"),
+        ({"families": [{"name": "w", "tokens": 10}]}, "families[0].tokens", "at least training.batch_size"),
+        ({"share_data_from": "default"}, "share_data_from", "another experiment"),
+        ({"share_data_from": "../x"}, "share_data_from", "another experiment"),
+        ({"analysis": {"budget_study": "a/b"}}, "analysis.budget_study", "an experiment name"),
+        ({"analysis": {"training_budget": {"reference_tokens": 0}}}, "analysis.training_budget.reference_tokens",
+         ">= 1"),
         ({"model": {"source": "random", "random": {"n_layers": 2}}, "harvest": {"hooks": ["blocks.2.hook_mlp_out"]}},
          "harvest.hooks[0]", "below the model's 2 blocks"),
         ({"model": {"source": "local", "path": "/nonexistent/model"}}, "model.path", "does not exist"),

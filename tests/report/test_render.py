@@ -256,3 +256,22 @@ def test_snakemake_rule_and_snakemake_report(tmp_path):
     names = zipfile.ZipFile(tmp_path / "report.zip").namelist()
     assert any(n.endswith("/index.html") for n in names) and any(n.endswith("/browser.html") for n in names)
     assert (exp.paths.root / "logs" / "render_report.log").is_file()
+
+
+def test_verdicts_carry_the_budget_studys_robustness(experiment, tmp_path):
+    """With analysis.budget_study, each verdict whose claim the study tested says whether it held as the SAEs
+    trained longer; a named study that has not run leaves the verdicts as they are."""
+    study = experiment.paths.root.parent / "budget-of-report" / "analyses" / "training_budget"
+    study.mkdir(parents=True)
+    (study / "summary.json").write_text(json.dumps({
+        "budgets": "500k, 2M, 8M", "robustness_error_predictability": "moves toward the paper",
+        "robustness_error_predictability_basis": "R² 0.760 at 2M → 0.850 at 8M"}))
+    config = {**experiment.config, "analysis": {"budget_study": "budget-of-report"}}
+    out = render_report(experiment.paths, experiment.analyses, config, out=tmp_path / "index.html")
+    summary = " ".join(Page(out.read_text()).text["summary"].split())
+    assert "(moves toward the paper with budget)" in summary
+    assert "training budgets 500k, 2M, 8M: R² 0.760 at 2M → 0.850 at 8M" in summary
+    assert summary.count("with budget)") == 1  # only the claim the study tested
+    config = {**experiment.config, "analysis": {"budget_study": "never-ran"}}
+    out = render_report(experiment.paths, experiment.analyses, config, out=tmp_path / "plain.html")
+    assert "with budget" not in out.read_text() and "robust to budget" not in out.read_text()

@@ -13,6 +13,7 @@ import torch
 from darkmatter.config import ConfigError, ExperimentConfig, SaeTrainingConfig, load_config
 from darkmatter.sae.architectures import ARCHITECTURES
 from darkmatter.sae.batches import CHUNK_ROWS, ShuffledBatches
+from darkmatter.io import read_json
 from darkmatter.sae.families import SaeSpec, expand_families, parse_sae_id, sae_id
 from darkmatter.sae.model import read_sae
 from darkmatter.sae.train import Trainer, geometric_median, lr_at
@@ -166,9 +167,14 @@ def test_geometric_median_minimises_the_sum_of_distances():
 def test_sae_ids_round_trip_and_bad_ids_are_rejected():
     assert sae_id("topk", 8192, 32, 0) == "topk-w8192-k32-s0"
     assert parse_sae_id("jumprelu-w1024-k64-s3") == SaeSpec("jumprelu", 1024, 64, 3)
-    for bad in ("topk-w8192-k32", "gated-w8-k1-s0", "topk-w0-k1-s0", "topk-w8-k1-s0/"):
+    for bad in ("topk-w8192-k32", "gated-w8-k1-s0", "topk-w0-k1-s0", "topk-w8-k1-s0/", "topk-w8-k1-s0-t0",
+                "topk-w8-k1-s0-t2G", "topk-w8-k1-s0-t1000k", "topk-w8-k1-s0-t2000"):  # one spelling per budget
         with pytest.raises(ValueError, match="invalid sae_id"):
             parse_sae_id(bad)
+    # a family's own training budget: the largest exact unit
+    for tokens, text in ((8_000_000, "8M"), (500_000, "500k"), (1_500_000, "1500k"), (123_456, "123456")):
+        assert sae_id("topk", 4096, 32, 0, tokens) == f"topk-w4096-k32-s0-t{text}"
+        assert parse_sae_id(f"topk-w4096-k32-s0-t{text}") == SaeSpec("topk", 4096, 32, 0, tokens)
 
 
 def test_default_families_expand_to_unique_members():
@@ -209,3 +215,11 @@ def test_cli_train_sae_writes_a_loadable_sae_folder(tmp_path):
     log = pl.read_parquet(out / "train_log.parquet")
     assert log.columns[:6] == ["step", "tokens", "loss", "fvu", "l0", "aux"] and log["step"].to_list() == [4, 8]
     assert not (tmp_path / "saes" / ".topk-w32-k4-s0.ckpt").exists()  # the checkpoint is gone once done
+    # a family's own budget, named by the sae_id, replaces training.tokens: 4096 token-steps, > the 3000-row pool
+    out = tmp_path / "saes" / "topk-w32-k4-s0-t4096"
+    main(["--threads", "1", "train-sae", "--params", json.dumps({"training": to_dict(cfg)}), "--activations",
+          str(store), "--model", str(tmp_path / "model.json"), "--hook", "blocks.0.hook_resid_post",
+          "--sae-id", out.name, "--out", str(out)])
+    assert read_sae(out).cfg["metadata"]["training_tokens"] == 4096
+    assert pl.read_parquet(out / "train_log.parquet")["step"].to_list() == [4, 8, 12, 16]
+    assert read_json(out / "provenance.json")["params"]["tokens"] == 4096

@@ -5,6 +5,11 @@
 
 if EXP.share_data_from:
     SHARED = ExperimentPaths.of(EXP.share_data_from)
+    for theirs, ours in [(SHARED.model_json, P.model_json), (SHARED.corpus, P.corpus)] + [
+        (SHARED.activations(split), P.activations(split)) for split in ("train", "eval")]:
+        if not theirs.exists() and not ours.exists():
+            raise WorkflowError(f"share_data_from: {EXP.share_data_from}: {theirs} does not exist; run that "
+                                "experiment first (it makes the model, corpus and activations this one shares).")
 
     def share_shell(step, source="{input:q}", out="{output:q}"):
         return (f"{{params.py:q}} -m darkmatter.cli share-data --step {step} --params {{params.settings:q}} "
