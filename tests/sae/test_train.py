@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from darkmatter.config import ConfigError, ExperimentConfig, SaeTrainingConfig, load_config
+from darkmatter.io import read_json
 from darkmatter.sae.architectures import ARCHITECTURES
 from darkmatter.sae.batches import CHUNK_ROWS, ShuffledBatches
-from darkmatter.io import read_json
 from darkmatter.sae.families import SaeSpec, expand_families, parse_sae_id, sae_id
 from darkmatter.sae.model import read_sae
 from darkmatter.sae.train import Trainer, geometric_median, lr_at
