@@ -7,7 +7,9 @@ error is the share that gradient pursuit with the SAE's own decoder removes (mea
 encoder minus that of the pursuit, on the pursued tokens; analyses/pursuit.py). Whether FVU_nonlinear is flat is an
 equivalence test on the OLS slope of FVU_nonlinear on log2 width: flat when its 90% intervals (t over the widths, and
 percentile over resampled documents) lie within a practical margin (analysis option flat_margin_pct, ±1% of the mean
-per doubling); with fewer than 4 widths the law is not fitted and its numbers are NaN.
+per doubling); with fewer than 4 widths the law is not fitted and its numbers are NaN. FVU_nonlinear of b* fitted
+without intercept is shown beside it: the stored FVU_nonlinear times the test split's ratio of the two maps' residual
+sums (1 − pooled R² without intercept over 1 − pooled R² with it; both R² share one test-set denominator).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from darkmatter.analysis.figures import log2_ticks, note_figure
 from darkmatter.analysis.saes import family_name, family_saes
 from darkmatter.analysis.stats import percentile_interval, resampling_summary, trend
 from darkmatter.analysis.verdict import Verdict, from_answer
+from darkmatter.errors.measure import METRICS
 from darkmatter.errors.scaling import fit_power_law, power_law, scaling_decomposition
+from darkmatter.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ PAPER_CLAIM = ("FVU_total follows c + a·W^(−m); FVU_nonlinear stays roughly c
 HEADLINE = ("c_fvu", "m", "fvu_nonlinear_mean", "fvu_nonlinear_slope_pct_of_mean_per_doubling")
 
 MEASURED = ["architecture", "k", "width", "sae_id", "seed", "l0_mean", "fvu", "fvu_nonlinear", "fvu_linear",
-            "encoder_error"]
+            "encoder_error", "fvu_nonlinear_no_intercept"]
 FIT = ["a", "a_ci_low", "a_ci_high", "c", "c_ci_low", "c_ci_high", "m", "m_ci_low", "m_ci_high", "residual_std"]
 REGIONS = ["fvu_fit", "absent_features", "linear_error", "nonlinear_error"]
 SLOPE = ["fvu_nonlinear_slope_per_doubling", "fvu_nonlinear_slope_ci_low", "fvu_nonlinear_slope_ci_high"]
@@ -94,7 +98,8 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
             "architecture": pl.Utf8, "sae_id": pl.Utf8, "note": pl.Utf8, "primary": pl.Boolean, "confidence": pl.Float64}
         return pl.DataFrame(schema=schema)
     saes = saes.with_columns(pl.col("width").cast(pl.Int64), pl.col("k").cast(pl.Int64)).join(
-        _encoder_error(ctx), on="sae_id", how="left").join(_fvu_intervals(ctx, saes), on="sae_id", how="left")
+        _encoder_error(ctx), on="sae_id", how="left").join(_fvu_intervals(ctx, saes), on="sae_id", how="left").join(
+        _no_intercept(ctx, saes), on="sae_id", how="left")
     groups = saes.partition_by(["architecture", "k"], maintain_order=True)
     table = pl.concat([_fit_group(g, level) for g in groups], how="vertical_relaxed").join(
         saes.select("sae_id", *[c for c in RESAMPLING if c in saes.columns]), on="sae_id", how="left")
@@ -127,6 +132,21 @@ def _fvu_intervals(ctx: AnalysisContext, saes: pl.DataFrame) -> pl.DataFrame:
         **{k: pl.lit(v) for k, v in ctx.resampling(x.contexts).items()})
 
 
+def _no_intercept(ctx: AnalysisContext, saes: pl.DataFrame) -> pl.DataFrame:
+    """Per SAE, FVU_nonlinear with b* fitted the other way (without intercept when the stored one has one): the
+    stored FVU_nonlinear scaled by the ratio of the two maps' test residual sums, from their pooled R²."""
+    rows = []
+    for sae in saes.iter_rows(named=True):
+        metrics = ctx.paths.sae_errors(sae["hook"], sae["sae_id"]) / METRICS
+        m = read_json(metrics) if metrics.is_file() else {}
+        other, own = m.get("r2_vector_pooled_no_intercept"), m.get("r2_vector_pooled")
+        value = math.nan
+        if m.get("intercept", True) and other is not None and own is not None and own < 1:
+            value = sae["fvu_nonlinear"] * (1 - other) / (1 - own)
+        rows.append({"sae_id": sae["sae_id"], "fvu_nonlinear_no_intercept": value})
+    return pl.DataFrame(rows, schema={"sae_id": pl.Utf8, "fvu_nonlinear_no_intercept": pl.Float64})
+
+
 def _encoder_error(ctx: AnalysisContext) -> pl.DataFrame:
     """Per SAE, FVU_nonlinear of its encoder minus that of gradient pursuit with its decoder on the pursued tokens
     (empty when the store has no pursuit comparison)."""
@@ -147,6 +167,17 @@ def _mean_of(rows: pl.DataFrame, column: str) -> float:
 def _nonlinear_mean(rows: pl.DataFrame) -> float:
     """Mean FVU_nonlinear over the widths (NaN when the store has no decomposition for them)."""
     return _mean_of(rows, "fvu_nonlinear")
+
+
+def _no_intercept_summary(main: pl.DataFrame) -> dict[str, float]:
+    """Mean FVU_nonlinear without intercept and its OLS slope per doubling in % of that mean (where measured)."""
+    values = main["fvu_nonlinear_no_intercept"].cast(pl.Float64).fill_null(math.nan).to_numpy()
+    if not np.isfinite(values).all() or main["width"].n_unique() < 2:
+        return {}
+    mean = float(values.mean())
+    slope = float(np.polyfit(np.log2(main["width"].to_numpy().astype(np.float64)), values, 1)[0])
+    return {"fvu_nonlinear_no_intercept_mean": mean,
+            "fvu_nonlinear_no_intercept_slope_pct_of_mean_per_doubling": 100 * slope / mean if mean > 0 else math.nan}
 
 
 def _verdict(value: float, low: float, high: float, below: str, above: str, inside: str) -> str:
@@ -198,6 +229,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         "fvu_nonlinear_slope_per_doubling": slope,
         "fvu_nonlinear_slope_ci_low": lo, "fvu_nonlinear_slope_ci_high": hi,
         "fvu_nonlinear_slope_pct_of_mean_per_doubling": 100 * slope / nl_mean if nl_mean > 0 else math.nan,
+        **_no_intercept_summary(main),
         **_flatness(first, nl_mean),
         # compared with c's interval, not just its point estimate
         "fvu_nonlinear_below_c": _verdict(nl_mean, c_lo, c_hi, "no (above c)", "yes", "within the CI of c"),

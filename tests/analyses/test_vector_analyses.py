@@ -228,3 +228,21 @@ def test_the_fixture_is_a_realistic_sweep(realistic):
     topk = saes.filter(pl.col("architecture") == "topk")
     np.testing.assert_allclose(topk["l0_mean"], topk["k"], atol=0.01)  # a ReLU may zero a selected latent, rarely
     assert set(rows["n"]) == {realistic.planted.x.shape[0]} and rows.height == len(realistic.sae_ids) == 7
+
+
+def test_fvu_nonlinear_without_intercept_equals_a_direct_fit(realistic, tmp_path):
+    """scaling_decomposition's FVU_nonlinear of b* fitted without intercept, against numpy least squares on the
+    error vectors: the ratio of the two maps' test residual sums, times the stored (all-token) FVU_nonlinear."""
+    table = realistic.run("scaling_decomposition", tmp_path / "scaling")["table"]
+    ctx = realistic.context()
+    fit = ctx.fit_mask(realistic.hook)
+    x = realistic.planted.x.astype(np.float64)
+    for row in table.iter_rows(named=True):
+        with torch.no_grad():
+            e = x - realistic.saes[row["sae_id"]](torch.from_numpy(realistic.planted.x)).x_hat.double().numpy()
+        sse = {}
+        for name, design in (("affine", np.hstack([x, np.ones((len(x), 1))])), ("linear", x)):
+            b = np.linalg.lstsq(design[fit], e[fit], rcond=None)[0]
+            sse[name] = float(((e[~fit] - design[~fit] @ b) ** 2).sum())
+        expected = row["fvu_nonlinear"] * sse["linear"] / sse["affine"]
+        assert row["fvu_nonlinear_no_intercept"] == pytest.approx(expected, rel=1e-4), row["sae_id"]
