@@ -4,6 +4,7 @@ truth or an independent computation."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from analyses.synthetic_validation import combine
+from darkmatter.analysis import AnalysisContext, load_outputs, run
 from darkmatter.analysis.eval import EvalSplit, heldout_by_context
 from darkmatter.errors.measure import METRICS
 from darkmatter.errors.metrics import LatentAccumulator
@@ -170,6 +172,28 @@ def test_probe_mechanism_tracks_planted_magnitudes(orthogonal, tmp_path):
     assert 0.99 < s["pearson_r"] <= 1 and 0.98 < s["spearman_r"] <= 1
     assert 0.97 < s["median_projection_over_mean_activation"] < 1.03
     assert s["latents_used"] == s["latents_total"] == 32 and 0.99 < s["probe_r2_heldout"] <= 1
+    # resampled documents: tight around the planted exact tracking, so the verdict (ρ > 0.5) agrees
+    assert 0.95 < s["spearman_r_ci_low"] <= s["spearman_r"] <= s["spearman_r_ci_high"] <= 1
+    assert s["verdict"] == "agrees" and s["resampling_unit"] == "document"
+
+
+def test_probe_intervals_reproduce_the_point_estimate_when_every_document_counts_once(realistic, tmp_path):
+    """The resampled refit (weighted moments, the used latents' weighted means) equals the point estimate's
+    route (heldout_r2, LatentAccumulator) when each resample weights every row 1; real resamples bracket it."""
+
+    class Unresampled(AnalysisContext):
+        def resample_weights(self, contexts):
+            return np.ones((3, len(contexts)), dtype=np.int64)
+
+    ctx = Unresampled(realistic.paths, realistic.params, "probe_mechanism").with_options(all_saes=False)
+    with torch_threads(1):
+        run(importlib.import_module("analyses.probe_mechanism"), ctx, tmp_path / "ones")
+    s = load_outputs(tmp_path / "ones")["summary"]
+    for c in ("pearson", "spearman"):
+        assert s[f"{c}_r_ci_low"] == pytest.approx(s[f"{c}_r"], abs=1e-9)
+        assert s[f"{c}_r_ci_high"] == pytest.approx(s[f"{c}_r"], abs=1e-9)
+    real = realistic.run("probe_mechanism", tmp_path / "real", all_saes=False)["summary"]
+    assert real["spearman_r_ci_low"] < real["spearman_r"] < real["spearman_r_ci_high"]
 
 
 def test_probe_and_synthetic_choose_the_widest_width_sae_and_reject_bad_options(realistic, tmp_path):
