@@ -21,6 +21,9 @@ from darkmatter.io import InputError, atomic_dir, read_json, write_json
 from darkmatter.provenance import write_provenance
 
 MODEL_JSON = "model.json"  # rewritten, not linked: it names the model's folder
+# Snakemake's marker in a directory output, touched when its job ends: a link would make the source experiment's
+# folder look newer than everything made from it (and rerun all of that)
+NEVER_LINKED = (".snakemake_timestamp",)
 
 
 def differences(ours: Any, theirs: Any, defaults: Any, key: str = "") -> list[str]:
@@ -45,6 +48,8 @@ def _link_tree(source: Path, target: Path) -> None:
         dest = target / Path(root).relative_to(source)
         dest.mkdir(parents=True, exist_ok=True)
         for name in files:
+            if name in NEVER_LINKED:
+                continue
             try:
                 os.link(Path(root) / name, dest / name)
             except OSError:  # another file system, or links not allowed: a copy

@@ -25,13 +25,14 @@ def _finished(folder, params, files=("eval_tokens.npy",)):
 
 
 def test_equal_settings_share_every_file_by_hard_link(tmp_path):
-    source = _finished(tmp_path / "a" / "corpus", CORPUS, ("eval_tokens.npy", "meta.json"))
+    source = _finished(tmp_path / "a" / "corpus", CORPUS, ("eval_tokens.npy", "meta.json", ".snakemake_timestamp"))
     (source / "sub").mkdir()
     (source / "sub" / "x.bin").write_bytes(b"x")
     share_folder(source, tmp_path / "b" / "corpus", CORPUS, CORPUS)
     out = tmp_path / "b" / "corpus"
     for name in ("eval_tokens.npy", "meta.json", "sub/x.bin"):
         assert os.path.samefile(source / name, out / name)  # no copy: same file
+    assert not (out / ".snakemake_timestamp").exists()  # Snakemake's own marker: never shared
     record = read_json(out / "provenance.json")
     assert record["shared_from"] == str(source) and record["source_provenance"]["params"] == CORPUS
     assert not os.path.samefile(source / "provenance.json", out / "provenance.json")
