@@ -111,14 +111,24 @@ CLAIMS = (
 )
 
 
-def _budgets(ctx: AnalysisContext) -> list[tuple[str, int]]:
-    return sorted(((f["name"], int(f["tokens"])) for f in ctx.families if f.get("tokens")), key=lambda b: b[1])
+def _budgets(ctx: AnalysisContext) -> list[tuple[str, int, bool]]:
+    """(family, tokens, replicate) of every family with its own budget, by budget: the first family of a budget
+    (config order) is its main one, later ones at the same budget (other seeds) are replicates."""
+    seen: set[int] = set()
+    out = []
+    for f in ctx.families:
+        if f.get("tokens"):
+            out.append((f["name"], int(f["tokens"]), int(f["tokens"]) in seen))
+            seen.add(int(f["tokens"]))
+    return sorted(out, key=lambda b: b[1])
 
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
-    """Per budget × claim × measure (× SAE width): the value, its interval and the analysis's verdict there."""
+    """Per budget family × claim × measure (× SAE width): the value, its interval and the analysis's verdict
+    there; ``replicate`` marks a second family at a budget (another seed), which measures the seed spread."""
+    seeds = {f["name"]: (f.get("seeds") or [0])[0] for f in ctx.families}
     rows = []
-    for family, tokens in _budgets(ctx):
+    for family, tokens, replicate in _budgets(ctx):
         for claim in CLAIMS:
             module = importlib.import_module(f"analyses.{claim.analysis}")
             sub = dataclasses.replace(ctx, name=claim.analysis, only_families=(family,))
@@ -127,10 +137,12 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
             verdict = module.verdict(summary, table)
             log.info("%s at %s token-steps: %s", claim.analysis, tokens_label(tokens), verdict.word)
             for metric, width, value, low, high in claim.measures(table, summary):
-                rows.append({"family": family, "tokens": tokens, "analysis": claim.analysis, "metric": metric,
+                rows.append({"family": family, "tokens": tokens, "seed": seeds[family], "replicate": replicate,
+                             "analysis": claim.analysis, "metric": metric,
                              "width": width, "value": value, "ci_low": low, "ci_high": high,
                              "verdict": verdict.word, "verdict_basis": verdict.basis})
-    schema = {"family": pl.Utf8, "tokens": pl.Int64, "analysis": pl.Utf8, "metric": pl.Utf8, "width": pl.Int64,
+    schema = {"family": pl.Utf8, "tokens": pl.Int64, "seed": pl.Int64, "replicate": pl.Boolean, "analysis": pl.Utf8,
+              "metric": pl.Utf8, "width": pl.Int64,
               "value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "verdict": pl.Utf8,
               "verdict_basis": pl.Utf8}
     table = pl.DataFrame(rows, schema=schema)
@@ -142,9 +154,22 @@ def _first_metric(rows: pl.DataFrame) -> str:
     return rows["metric"][0]
 
 
+def seed_spread(rows: pl.DataFrame, reference: int) -> pl.DataFrame:
+    """Per width (None: a per-budget measure), |replicate − main| of the first metric at the reference budget:
+    how far another seed moves it (empty without a replicate family there)."""
+    metric = _first_metric(rows)
+    at = rows.filter((pl.col("tokens") == reference) & (pl.col("metric") == metric))
+    main, rep = at.filter(~pl.col("replicate")), at.filter(pl.col("replicate"))
+    return main.join(rep, on="width", how="inner", suffix="_rep", nulls_equal=True).select(
+        "width", (pl.col("value") - pl.col("value_rep")).abs().alias("spread"))
+
+
 def robustness(rows: pl.DataFrame, claim: Claim, reference: int) -> tuple[str, str]:
     """(word, basis) for one claim's rows: robust, moves toward/away from the paper, or undetermined when the
-    reference budget or a larger one is missing."""
+    reference budget or a larger one is missing. A value moved when the largest budget's lies outside the reference
+    budget's interval and, where a replicate seed was trained, farther from it than that seed's value."""
+    spread = seed_spread(rows, reference)
+    rows = rows.filter(~pl.col("replicate"))
     budgets = sorted(set(rows["tokens"].to_list()))
     if reference not in budgets or budgets[-1] <= reference:
         return "undetermined", f"needs the reference budget {tokens_label(reference)} and a larger one"
@@ -152,15 +177,21 @@ def robustness(rows: pl.DataFrame, claim: Claim, reference: int) -> tuple[str, s
     ref = rows.filter((pl.col("tokens") == reference) & (pl.col("metric") == metric))
     top = rows.filter((pl.col("tokens") == budgets[-1]) & (pl.col("metric") == metric))
     both = ref.join(top, on="width", how="inner", suffix="_top", nulls_equal=True)
-    outside = [r for r in both.iter_rows(named=True) if not r["ci_low"] <= r["value_top"] <= r["ci_high"]]
+    if spread.height:
+        both = both.join(spread, on="width", how="left", nulls_equal=True)
+    noise = {r["width"]: r.get("spread") or 0.0 for r in both.iter_rows(named=True)}
+    outside = [r for r in both.iter_rows(named=True) if not r["ci_low"] <= r["value_top"] <= r["ci_high"]
+               and abs(r["value_top"] - r["value"]) > noise[r["width"]]]
     verdicts = (ref["verdict"][0], top["verdict"][0])
     d_ref, d_top = (claim.distance(rows.filter(pl.col("tokens") == t)) for t in (reference, budgets[-1]))
     what = f"{metric} {', '.join(f'{v:.3f}' for v in ref['value'])} at {tokens_label(reference)} → " \
            f"{', '.join(f'{v:.3f}' for v in top['value'])} at {tokens_label(budgets[-1])}"
+    if spread.height:
+        what += f" (seed spread at {tokens_label(reference)}: {', '.join(f'{v:.3f}' for v in spread['spread'])})"
     if not outside and verdicts[0] == verdicts[1]:
         return "robust", f"{what}, inside the {tokens_label(reference)} intervals; verdict {verdicts[0]} at both"
     toward = "toward" if d_top < d_ref else "away from"
-    where = f"{len(outside)} of {both.height} outside the {tokens_label(reference)} intervals"
+    where = f"{len(outside)} of {both.height} beyond the {tokens_label(reference)} intervals and the seed spread"
     return f"moves {toward} the paper", f"{what} ({where}); verdict {verdicts[0]} → {verdicts[1]}"
 
 
@@ -178,7 +209,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         word, basis = robustness(rows, claim, reference)
         out[f"robustness_{claim.analysis}"] = word
         out[f"robustness_{claim.analysis}_basis"] = basis
-        for tokens, part in rows.group_by("tokens", maintain_order=True):
+        for tokens, part in rows.filter(~pl.col("replicate")).group_by("tokens", maintain_order=True):
             out[f"verdict_{claim.analysis}_at_{tokens_label(int(tokens[0]))}"] = part["verdict"][0]
     return out
 
@@ -195,7 +226,7 @@ def plot(table: pl.DataFrame) -> dict[str, object]:
     for ax, claim in zip(axes[0], claims, strict=True):
         rows = table.filter(pl.col("analysis") == claim.analysis)
         metric = _first_metric(rows)
-        rows = rows.filter(pl.col("metric") == metric)
+        rows = rows.filter((pl.col("metric") == metric) & ~pl.col("replicate"))
         for (width,), part in rows.group_by("width", maintain_order=True):
             part = part.sort("tokens")
             x, y = part["tokens"].to_numpy() / 1e6, part["value"].to_numpy()

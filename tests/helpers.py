@@ -255,7 +255,8 @@ def make_experiment(root: Path, *, d_in: int = 48, n_contexts: int = 24, n_posit
         grown: dict[str, SaeFamilyConfig] = {}  # extra families, one per name (a training budget's: tokens set)
         for spec, (fam_name, sae) in (extra or {}).items():
             widths = (*grown[fam_name].widths, spec.d_sae) if fam_name in grown else (spec.d_sae,)
-            grown[fam_name] = SaeFamilyConfig(fam_name, spec.architecture, HOOK, widths, (spec.k,), tokens=spec.tokens)
+            grown[fam_name] = SaeFamilyConfig(fam_name, spec.architecture, HOOK, widths, (spec.k,), (spec.seed,),
+                                              tokens=spec.tokens)
             saes[spec] = sae
         families += grown.values()
         for spec, sae in saes.items():

@@ -27,6 +27,9 @@ def budgets(tmp_path_factory) -> Experiment:
         for width in (32, 64):
             f = features[:width] + noise * rng.standard_normal(features[:width].shape)
             extra[SaeSpec("topk", width, 4, 0, tokens)] = (f"t{tokens}", topk_sae(f, bias, 4))
+    for width in (32, 64):  # another seed at the first budget: other noise of the same size
+        f = features[:width] + BUDGETS[1000] * rng.standard_normal(features[:width].shape)
+        extra[SaeSpec("topk", width, 4, 1, 1000)] = ("t1000-s1", topk_sae(f, bias, 4))
     with torch_threads(1):
         return make_experiment(tmp_path_factory.mktemp("budgets"), extra=extra)
 
@@ -35,13 +38,14 @@ def test_each_budget_is_its_family_alone(budgets, tmp_path):
     out = budgets.run("training_budget", tmp_path / "out", reference_tokens=1000)
     table, summary = out["table"], out["summary"]
     assert sorted(set(table["tokens"])) == sorted(BUDGETS)
+    assert set(table.filter(pl.col("replicate"))["family"]) == {"t1000-s1"}  # the second family at a budget
     assert set(table["width"].drop_nulls()) == {32, 64}  # never the width or k family's SAEs
     # the numbers are those error_predictability gives for the same SAEs in the whole store
     whole = budgets.run("error_predictability", tmp_path / "ep")["table"].filter(pl.col("default"))
-    for tokens in BUDGETS:
+    for tokens, seed in [(t, 0) for t in BUDGETS] + [(1000, 1)]:
         for width in (32, 64):
-            sae_id = SaeSpec("topk", width, 4, 0, tokens).sae_id
-            mine = table.filter((pl.col("tokens") == tokens) & (pl.col("width") == width)
+            sae_id = SaeSpec("topk", width, 4, seed, tokens).sae_id
+            mine = table.filter((pl.col("tokens") == tokens) & (pl.col("width") == width) & (pl.col("seed") == seed)
                                 & (pl.col("metric") == "R²(‖SaeError‖²)"))
             theirs = whole.filter(pl.col("sae_id") == sae_id)
             assert mine["value"][0] == pytest.approx(theirs["r2_norm_sq"][0], rel=1e-12)
@@ -53,11 +57,15 @@ def test_each_budget_is_its_family_alone(budgets, tmp_path):
     assert out["figures"]["budget"].is_file()
 
 
-def _rows(values: dict[int, tuple[float, float, float]], verdicts: dict[int, str]) -> pl.DataFrame:
+def _rows(values: dict[int, tuple[float, float, float]], verdicts: dict[int, str],
+          replicate: float | None = None) -> pl.DataFrame:
+    """One width's rows per budget; ``replicate``: another seed's value at budget 2."""
     metric = "R²(‖SaeError‖²)"
-    return pl.DataFrame([{"tokens": t, "analysis": "error_predictability", "metric": metric, "width": 64,
-                          "value": v, "ci_low": lo, "ci_high": hi, "verdict": verdicts[t]}
-                         for t, (v, lo, hi) in values.items()])
+    rows = [{"tokens": t, "replicate": False, "analysis": "error_predictability", "metric": metric, "width": 64,
+             "value": v, "ci_low": lo, "ci_high": hi, "verdict": verdicts[t]} for t, (v, lo, hi) in values.items()]
+    if replicate is not None:
+        rows.append(rows[0] | {"tokens": 2, "replicate": True, "value": replicate})
+    return pl.DataFrame(rows)
 
 
 def test_robustness_words():
@@ -70,5 +78,11 @@ def test_robustness_words():
     assert robustness(down, claim, 2)[0] == "moves away from the paper"
     flipped = _rows({2: (0.88, 0.85, 0.95), 8: (0.93, 0.91, 0.95)}, {2: "undetermined", 8: "agrees"})
     assert robustness(flipped, claim, 2)[0] == "moves toward the paper"  # inside, but the verdict changed
+    # a move beyond the interval but within what another seed gives at the reference budget is not a move
+    noisy = _rows({2: (0.76, 0.70, 0.80), 8: (0.85, 0.8, 0.9)}, {2: "differs", 8: "differs"}, replicate=0.66)
+    word, basis = robustness(noisy, claim, 2)
+    assert word == "robust" and "seed spread at 2: 0.100" in basis
+    assert robustness(_rows({2: (0.76, 0.70, 0.80), 8: (0.85, 0.8, 0.9)}, {2: "differs", 8: "differs"},
+                            replicate=0.74), claim, 2)[0] == "moves toward the paper"
     assert robustness(inside, claim, 8)[0] == "undetermined"  # no budget beyond the reference
     assert robustness(inside, claim, 4)[0] == "undetermined"  # the reference budget is missing

@@ -38,7 +38,8 @@ def test_budget_config_shares_the_defaults_data_and_trains_one_grid_at_five_budg
     for step in ("prepare-model", "prepare-corpus", "harvest-train", "harvest-eval"):  # what it shares is equal
         assert step_slice(cfg, step) == step_slice(default, step)
     ids = [m.sae_id for m in expand_families(cfg.families, cfg.primary_hook)]
-    assert ids == [f"topk-w{w}-k32-s0-t{t}" for t in ("500k", "1M", "2M", "4M", "8M") for w in (4096, 16384)]
+    assert ids == [f"topk-w{w}-k32-s{s}-t{t}" for t, s in (("500k", 0), ("1M", 0), ("2M", 0), ("4M", 0), ("8M", 0),
+                                                             ("2M", 1)) for w in (4096, 16384)]
     assert cfg.analysis.training_budget.reference_tokens == default.training.tokens
 
 
