@@ -166,33 +166,42 @@ def seed_spread(rows: pl.DataFrame, reference: int) -> pl.DataFrame:
 
 def robustness(rows: pl.DataFrame, claim: Claim, reference: int) -> tuple[str, str]:
     """(word, basis) for one claim's rows: robust, moves toward/away from the paper, or undetermined when the
-    reference budget or a larger one is missing. A value moved when the largest budget's lies outside the reference
-    budget's interval and, where a replicate seed was trained, farther from it than that seed's value."""
+    reference budget or a larger one is missing. Each width is compared at the largest budget it was trained for: it
+    moved when its value there lies outside the reference budget's interval and, where a replicate seed was trained,
+    farther from it than that seed's value. The verdicts are compared at the largest budget with every width."""
     spread = seed_spread(rows, reference)
-    rows = rows.filter(~pl.col("replicate"))
-    budgets = sorted(set(rows["tokens"].to_list()))
+    metric = _first_metric(rows)
+    # measured values only (a per-budget measure of a budget with one width is NaN)
+    rows = rows.filter(~pl.col("replicate") & pl.col("value").is_finite())
+    measured = rows.filter(pl.col("metric") == metric)
+    budgets = sorted(set(measured["tokens"].to_list()))
     if reference not in budgets or budgets[-1] <= reference:
         return "undetermined", f"needs the reference budget {tokens_label(reference)} and a larger one"
-    metric = _first_metric(rows)
-    ref = rows.filter((pl.col("tokens") == reference) & (pl.col("metric") == metric))
-    top = rows.filter((pl.col("tokens") == budgets[-1]) & (pl.col("metric") == metric))
+    ref = measured.filter(pl.col("tokens") == reference)
+    # each width (or per-budget measure) at the largest budget it was measured at
+    top = measured.sort("tokens").group_by("width", maintain_order=True).last()
     both = ref.join(top, on="width", how="inner", suffix="_top", nulls_equal=True)
     if spread.height:
         both = both.join(spread, on="width", how="left", nulls_equal=True)
     noise = {r["width"]: r.get("spread") or 0.0 for r in both.iter_rows(named=True)}
     outside = [r for r in both.iter_rows(named=True) if not r["ci_low"] <= r["value_top"] <= r["ci_high"]
                and abs(r["value_top"] - r["value"]) > noise[r["width"]]]
-    verdicts = (ref["verdict"][0], top["verdict"][0])
-    d_ref, d_top = (claim.distance(rows.filter(pl.col("tokens") == t)) for t in (reference, budgets[-1]))
-    what = f"{metric} {', '.join(f'{v:.3f}' for v in ref['value'])} at {tokens_label(reference)} → " \
-           f"{', '.join(f'{v:.3f}' for v in top['value'])} at {tokens_label(budgets[-1])}"
+    # the verdict is compared at the largest budget that measured every width the reference did
+    widths = set(ref["width"].to_list())
+    full = [t for t in budgets if widths <= set(measured.filter(pl.col("tokens") == t)["width"].to_list())]
+    verdicts = (ref["verdict"][0], rows.filter(pl.col("tokens") == full[-1])["verdict"][0])
+    last = rows.sort("tokens").group_by("metric", "width", maintain_order=True).last()
+    d_ref, d_top = claim.distance(rows.filter(pl.col("tokens") == reference)), claim.distance(last)
+    what = f"{metric} {', '.join(f'{v:.3f}' for v in both['value'])} at {tokens_label(reference)} → " + ", ".join(
+        f"{r['value_top']:.3f} at {tokens_label(r['tokens_top'])}" for r in both.iter_rows(named=True))
     if spread.height:
         what += f" (seed spread at {tokens_label(reference)}: {', '.join(f'{v:.3f}' for v in spread['spread'])})"
+    at = f"verdict {verdicts[0]} at {tokens_label(reference)}, {verdicts[1]} at {tokens_label(full[-1])}"
     if not outside and verdicts[0] == verdicts[1]:
-        return "robust", f"{what}, inside the {tokens_label(reference)} intervals; verdict {verdicts[0]} at both"
+        return "robust", f"{what}, inside the {tokens_label(reference)} intervals; {at}"
     toward = "toward" if d_top < d_ref else "away from"
     where = f"{len(outside)} of {both.height} beyond the {tokens_label(reference)} intervals and the seed spread"
-    return f"moves {toward} the paper", f"{what} ({where}); verdict {verdicts[0]} → {verdicts[1]}"
+    return f"moves {toward} the paper", f"{what} ({where}); {at}"
 
 
 def summarize(table: pl.DataFrame) -> dict[str, float | str]:

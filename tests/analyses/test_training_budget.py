@@ -84,5 +84,9 @@ def test_robustness_words():
     assert word == "robust" and "seed spread at 2: 0.100" in basis
     assert robustness(_rows({2: (0.76, 0.70, 0.80), 8: (0.85, 0.8, 0.9)}, {2: "differs", 8: "differs"},
                             replicate=0.74), claim, 2)[0] == "moves toward the paper"
+    # a width trained only up to the reference budget is compared there; the other at its largest budget
+    two = pl.concat([up, _rows({2: (0.70, 0.65, 0.75)}, {2: "differs"}).with_columns(width=pl.lit(16, dtype=pl.Int64))])
+    word, basis = robustness(two, claim, 2)
+    assert word == "moves toward the paper" and "0.850 at 8" in basis and "1 of 2 beyond" in basis
     assert robustness(inside, claim, 8)[0] == "undetermined"  # no budget beyond the reference
     assert robustness(inside, claim, 4)[0] == "undetermined"  # the reference budget is missing
