@@ -142,6 +142,15 @@ def percentile_interval(draws: np.ndarray, confidence: float) -> tuple[np.ndarra
     return low, high
 
 
+def basic_interval(point: np.ndarray, draws: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Basic (reverse-percentile) interval [2θ̂ − q_high, 2θ̂ − q_low] of the estimate ``point`` from its resampled
+    values ``draws`` [B, ...]: for a statistic the resampling itself biases (a correlation over latents, whose
+    per-latent means get noisier when documents repeat), it carries the bias to the other side of θ̂ instead of
+    leaving the interval on the biased side."""
+    low, high = percentile_interval(draws, confidence)
+    return 2 * np.asarray(point) - high, 2 * np.asarray(point) - low
+
+
 def pooled_fvu(sse: np.ndarray, n: np.ndarray, x_sum: np.ndarray, x_sq: np.ndarray,
                weights: np.ndarray | None = None) -> np.ndarray:
     """Pooled FVU = Σ sse / Σ‖x − x̄‖² from per-group sums, for each resample of groups.

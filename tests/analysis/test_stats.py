@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from darkmatter.analysis.stats import cluster_multiplicities, multiplicities, percentile_interval, pooled_fvu
+from darkmatter.analysis.stats import (
+    basic_interval,
+    cluster_multiplicities,
+    multiplicities,
+    percentile_interval,
+    pooled_fvu,
+)
 
 
 def test_pooled_fvu_of_a_resample_equals_the_fvu_of_its_rows(rng):
@@ -83,3 +89,15 @@ def test_r2_on_fit_flag_matches_scikit_learn_and_resamples_by_group(rng):
     assert r2 == pytest.approx(want, rel=1e-10) and low < r2 < high and high - low < 0.1
     r2, low, high = r2_interval_on_fit_flag(x, y, fit, groups, lambda g: np.zeros((0, len(g))), 0.9)
     assert r2 == pytest.approx(want, rel=1e-10) and np.isnan(low) and np.isnan(high)  # no resamples, no interval
+
+
+def test_basic_interval_reflects_a_resampling_bias_about_the_estimate():
+    rng = np.random.default_rng(0)
+    centred = rng.standard_normal((4000, 2))
+    low, high = basic_interval(np.zeros(2), centred, 0.9)  # draws symmetric about the estimate: the percentile one
+    p_low, p_high = percentile_interval(centred, 0.9)
+    np.testing.assert_allclose(low, -p_high)
+    np.testing.assert_allclose(high, -p_low)
+    low, high = basic_interval(np.array([0.3]), 0.27 + 0.01 * rng.standard_normal((4000, 1)), 0.9)
+    # draws 0.03 below the estimate: the interval sits 0.03 above it, its width kept
+    assert 0.3 + 0.03 - 0.0170 < low[0] < 0.3 + 0.03 - 0.0160 and 0.3 + 0.03 + 0.0160 < high[0] < 0.3 + 0.03 + 0.0170
