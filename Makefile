@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run smoke test publish bench clean
+.PHONY: setup run smoke budget test publish bench clean
 
 setup: $(VENV)/.installed $(VENV)/.embedded
 
@@ -29,14 +29,21 @@ run: setup
 smoke: setup
 	$(BIN)/snakemake --cores all --configfile config/smoke.yaml
 
+# The training-budget study (config/budget.yaml) shares the default run's data, so it runs after it.
+budget: run
+	$(BIN)/snakemake --cores all --configfile config/budget.yaml
+
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/snakemake --lint
 	$(BIN)/python -m pytest -q --durations=15
 
-# The default run's small outputs (analyses, report, published.json: the SAE table, provenance, file hashes) are
-# committed; this brings the run up to date and rewrites the manifest (see darkmatter/report/publish.py).
-publish: run
+# The published runs' small outputs (analyses, report, published.json: the SAE table, provenance, file hashes) are
+# committed; this brings both runs up to date (the default's report shows the budget study's robustness, so it is
+# rendered again after the study) and rewrites their manifests (see darkmatter/report/publish.py).
+publish: budget
+	$(BIN)/snakemake --cores all
+	$(BIN)/python -m darkmatter.cli publish --db results/budget/darkmatter.duckdb
 	$(BIN)/python -m darkmatter.cli publish --db results/default/darkmatter.duckdb
 
 bench: setup
