@@ -6,8 +6,9 @@ The word is decided from intervals (resampled by document) against a stated marg
 them: *agrees* when the interval lies on the claim's side, *differs* when it lies on the other side, and
 *undetermined* when it straddles the boundary or the measurement is missing. A claim's boundary (what "about
 half" or "roughly flat" means in numbers) is written into the basis, so a reader can disagree with it.
-Whether a difference survives more SAE training is a separate question (a training-budget experiment); until
-one has run, the basis says so.
+Whether a difference survives more SAE training is a separate question, answered by a training-budget study
+(analyses/training_budget.py, config/budget.yaml); the report adds its word (robust / moves with budget) beside
+each verdict it tested.
 """
 
 from __future__ import annotations

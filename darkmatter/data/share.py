@@ -58,7 +58,7 @@ def _link_tree(source: Path, target: Path) -> None:
 
 def share_folder(source: Path, out: Path, params: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Make ``out`` hold the files of the finished step folder ``source`` (hard links), after checking that
-    ``source`` was made with ``params`` (raises InputError naming the first differing key otherwise).
+    ``source`` was made with ``params`` (raises InputError naming every differing key otherwise).
 
     A ``model.json`` in it is rewritten to name ``out``'s copy of the model; ``provenance.json`` records the
     sharing and the source's own provenance.
