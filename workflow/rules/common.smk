@@ -61,6 +61,12 @@ def resources_of(step):
     return {key: estimate(key) for key in keys}
 
 
+def share_shell(step, source="{input:q}", out="{output:q}"):
+    """The command of a data rule that links another experiment's folder (share_data_from) instead of making it."""
+    return (f"{{params.py:q}} -m darkmatter.cli share-data --step {step} --params {{params.settings:q}} "
+            f"--source {source} --out {out} > {{log:q}} 2>&1")
+
+
 HOOKS = list(dict.fromkeys(m.hook for m in MEMBERS))  # hooks that have SAEs
 
 

@@ -11,10 +11,6 @@ if EXP.share_data_from:
             raise WorkflowError(f"share_data_from: {EXP.share_data_from}: {theirs} does not exist; run that "
                                 "experiment first (it makes the model, corpus and activations this one shares).")
 
-    def share_shell(step, source="{input:q}", out="{output:q}"):
-        return (f"{{params.py:q}} -m darkmatter.cli share-data --step {step} --params {{params.settings:q}} "
-                f"--source {source} --out {out} > {{log:q}} 2>&1")
-
     rule prepare_model:
         input:
             str(SHARED.model_json),
@@ -23,8 +19,8 @@ if EXP.share_data_from:
         params:
             py=PY,
             settings=step_params(EXP, "prepare-model"),
-            source=str(SHARED.model_json.parent),
-            folder=str(P.model_json.parent),
+            source=lambda w, input: os.path.dirname(input[0]),  # the whole model folder, not only model.json
+            folder=lambda w, output: os.path.dirname(output[0]),
         conda:
             "../envs/darkmatter.yaml"
         log:
