@@ -65,10 +65,7 @@ def test_budget_config_shares_the_defaults_data_or_says_to_run_it_first(tmp_path
     res = _run(args)
     assert res.returncode != 0 and "share_data_from: default: results/default/model/model.json does not exist; " \
         "run that experiment first" in res.stdout + res.stderr, res.stdout[-2000:]
-    default = ExperimentPaths.of("default", tmp_path)
-    for folder in (default.model_json.parent, default.corpus, default.activations("train"), default.activations("eval")):
-        folder.mkdir(parents=True)
-    default.model_json.write_text("{}")
+    _default_made(tmp_path)
     plan = _run(args)
     assert plan.returncode == 0, plan.stderr[-2000:]
     jobs = _jobs(plan.stdout)
@@ -221,8 +218,22 @@ def test_conda_deployment_runs_the_environments_interpreter(tmp_path):
     assert json.loads((run / "results" / "smoke" / "model" / "model.json").read_text())["d_model"] == 64
 
 
-def test_lint_is_clean():
-    res = _run([*SNAKEMAKE, "--lint"])
+def _default_made(root: Path) -> None:
+    """Empty stand-ins for the default experiment's data folders under ``root``, which the budget config shares."""
+    default = ExperimentPaths.of("default", root)
+    for folder in (default.model_json.parent, default.corpus, default.activations("train"), default.activations("eval")):
+        folder.mkdir(parents=True)
+    default.model_json.write_text("{}")
+
+
+@pytest.mark.parametrize("budget", [False, True], ids=["default", "budget"])
+def test_lint_is_clean(budget, tmp_path):
+    args = [*SNAKEMAKE, "--lint"]
+    if budget:  # the config whose data rules share another experiment's folders
+        _default_made(tmp_path)
+        args += ["--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+                 str(REPO / "config" / "budget.yaml")]
+    res = _run(args)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Congratulations" in res.stdout + res.stderr
 
