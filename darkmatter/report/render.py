@@ -147,11 +147,23 @@ def budget_study_summary(paths: ExperimentPaths, study: str) -> Path:
 
 
 def add_robustness(sections: list[AnalysisSection], budget: dict[str, Any]) -> None:
-    """Give each section whose claim the budget study tested its robustness word and basis."""
+    """Give each section whose claim the budget study tested its robustness word and basis; "undetermined" when
+    the study's own verdict at its reference budget is not this run's (its intervals cannot tell this run's
+    answer apart, e.g. fewer CE contexts)."""
+    from darkmatter.sae.families import tokens_label
+
+    reference = tokens_label(int(budget.get("reference_tokens", 0) or 1))
     for s in sections:
-        if f"robustness_{s.name}" in budget:
+        if f"robustness_{s.name}" not in budget:
+            continue
+        basis = f"training budgets {budget.get('budgets', '')}: {budget[f'robustness_{s.name}_basis']}"
+        theirs = budget.get(f"verdict_{s.name}_at_{reference}")
+        if theirs is not None and theirs != s.verdict:
+            s.robustness = "undetermined"
+            basis = f"the budget study's verdict at {reference} is {theirs}, not {s.verdict}, so it cannot tell; {basis}"
+        else:
             s.robustness = str(budget[f"robustness_{s.name}"])
-            s.robustness_basis = f"training budgets {budget.get('budgets', '')}: {budget[f'robustness_{s.name}_basis']}"
+        s.robustness_basis = basis
 
 
 def _environment() -> jinja2.Environment:

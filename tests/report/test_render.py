@@ -272,6 +272,13 @@ def test_verdicts_carry_the_budget_studys_robustness(experiment, tmp_path):
     assert "(moves toward the paper with budget)" in summary
     assert "training budgets 500k, 2M, 8M: R² 0.760 at 2M → 0.850 at 8M" in summary
     assert summary.count("with budget)") == 1  # only the claim the study tested
+    # a study whose own verdict at its reference budget is not this run's cannot tell: undetermined
+    (study / "summary.json").write_text(json.dumps({  # (the section's own verdict is not "agrees")
+        "budgets": "2M, 8M", "reference_tokens": 2_000_000, "verdict_error_predictability_at_2M": "agrees",
+        "robustness_error_predictability": "robust", "robustness_error_predictability_basis": "inside"}))
+    out = render_report(experiment.paths, experiment.analyses, config, out=tmp_path / "other.html")
+    summary = " ".join(Page(out.read_text()).text["summary"].split())
+    assert "(budget study undetermined)" in summary and "verdict at 2M is agrees, not " in summary
     config = {**experiment.config, "analysis": {"budget_study": "never-ran"}}
     out = render_report(experiment.paths, experiment.analyses, config, out=tmp_path / "plain.html")
     assert "with budget" not in out.read_text() and "robust to budget" not in out.read_text()
