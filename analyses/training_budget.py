@@ -161,7 +161,7 @@ def seed_spread(rows: pl.DataFrame, reference: int) -> pl.DataFrame:
     at = rows.filter((pl.col("tokens") == reference) & (pl.col("metric") == metric))
     main, rep = at.filter(~pl.col("replicate")), at.filter(pl.col("replicate"))
     return main.join(rep, on="width", how="inner", suffix="_rep", nulls_equal=True).select(
-        "width", (pl.col("value") - pl.col("value_rep")).abs().alias("spread"))
+        "width", (pl.col("value") - pl.col("value_rep")).abs().alias("spread")).filter(pl.col("spread").is_finite())
 
 
 def robustness(rows: pl.DataFrame, claim: Claim, reference: int) -> tuple[str, str]:

@@ -3,6 +3,8 @@ SAEs), and the robustness word from planted tables."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
 import pytest
@@ -88,5 +90,8 @@ def test_robustness_words():
     two = pl.concat([up, _rows({2: (0.70, 0.65, 0.75)}, {2: "differs"}).with_columns(width=pl.lit(16, dtype=pl.Int64))])
     word, basis = robustness(two, claim, 2)
     assert word == "moves toward the paper" and "0.850 at 8" in basis and "1 of 2 beyond" in basis
+    # a replicate that could not measure it (NaN: e.g. a slope from one width) gives no spread, not an infinite one
+    unmeasured = _rows({2: (0.76, 0.70, 0.80), 8: (0.85, 0.8, 0.9)}, {2: "differs", 8: "differs"}, replicate=math.nan)
+    assert robustness(unmeasured, claim, 2)[0] == "moves toward the paper"
     assert robustness(inside, claim, 8)[0] == "undetermined"  # no budget beyond the reference
     assert robustness(inside, claim, 4)[0] == "undetermined"  # the reference budget is missing
