@@ -67,7 +67,8 @@ class HarvestConfig:
     the train split feeds SAE training and never contains position 0 (an attention sink in most models).
     """
 
-    hooks: tuple[str, ...] = ("blocks.15.hook_resid_post",)
+    hooks: tuple[str, ...] = ("blocks.15.hook_resid_post", "blocks.14.hook_resid_post", "blocks.15.hook_mlp_out",
+                              "blocks.15.hook_attn_out")
     context_size: int = 1024
     eval_contexts: int = 300
     train_tokens: int = 2_000_000
