@@ -22,9 +22,12 @@ import torch
 from darkmatter.analysis.context import AnalysisContext
 from darkmatter.analysis.contract import run_cli
 from darkmatter.analysis.figures import note_figure
-from darkmatter.analysis.stats import r2_interval
+from darkmatter.analysis.stats import percentile_interval, r2_interval
 from darkmatter.analysis.verdict import Verdict, from_answer
-from darkmatter.config import hook_layer
+from darkmatter.config import hook_layer, previous_residual
+from darkmatter.downstream.ce import SOURCE_CONDITION
+from darkmatter.downstream.splice import percent_recovered
+from darkmatter.errors.sources import COMPONENTS, SOURCE_K, component_rows
 from darkmatter.io import load_safetensors
 from darkmatter.regression import Design, LazyRows, group_test_sums, stream_moments
 
@@ -33,9 +36,9 @@ log = logging.getLogger(__name__)
 PAPER_CLAIM = ("Linear maps from earlier-layer SAE outputs predict part of the nonlinear error (a third-party reading: "
                "up to about half of its variance), and reduce it more than a better encoder (gradient pursuit) does.")
 HEADLINE = ("r2_nonlinear_error_from_previous_layer_sae", "r2_nonlinear_error_from_other_hooks_saes",
-            "pursuit_fvu_nonlinear_reduction_pct", "previous_layer_beats_pursuit")
-TARGETS = ("sae_error", "linear_error", "nonlinear_error")
-K = 32  # the paper's k for the SAEs compared
+            "pursuit_fvu_nonlinear_reduction_pct", "previous_layer_beats_pursuit",
+            "ce_recovered_nonlinear_from_previous_layer_pct", "ce_recovered_nonlinear_pct")
+TARGETS = COMPONENTS
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def role(hook: str, primary: str) -> str:
     """A hook's place relative to the primary one, in the paper's words."""
     if hook == primary:
         return "same layer"
-    if hook.endswith("hook_resid_post") and hook_layer(hook) == hook_layer(primary) - 1:
+    if hook == previous_residual(primary):
         return "previous-layer residual"
     if hook.endswith("hook_mlp_out"):
         return "MLP output" + ("" if hook_layer(hook) == hook_layer(primary) else f" (block {hook_layer(hook)})")
@@ -69,7 +72,7 @@ def _widest(saes: pl.DataFrame, hook: str) -> dict | None:
     on = saes.filter(pl.col("hook") == hook)
     if on.is_empty():
         return None
-    pool = on.filter(pl.col("k") == K) if (on["k"] == K).any() else on
+    pool = on.filter(pl.col("k") == SOURCE_K) if (on["k"] == SOURCE_K).any() else on
     return pool.sort(["width", "k", "sae_id"], descending=[True, False, False]).row(0, named=True)
 
 
@@ -77,17 +80,8 @@ def _targets(ctx: AnalysisContext, base: dict, x: np.ndarray) -> LazyRows:
     """[SaeError | LinearError | NonlinearError] of the base SAE, float32 [N, 3d], from its codes and b*."""
     from darkmatter.errors.measure import LINEAR_MAP
 
-    codes = ctx.codes(base["hook"], base["sae_id"])
     lin = load_safetensors(ctx.paths.sae_errors(base["hook"], base["sae_id"]) / LINEAR_MAP)
-    coef, b0 = lin["coef"].float(), lin["intercept"].float()
-
-    def get(sl: slice) -> torch.Tensor:
-        xs = torch.from_numpy(np.array(x[sl], dtype=np.float32))
-        error = xs - codes.x_hat(sl)
-        linear = torch.addmm(b0, xs, coef)
-        return torch.cat([error, linear, error - linear], dim=1)
-
-    return LazyRows(x.shape[0], 3 * x.shape[1], get)
+    return component_rows(x, ctx.codes(base["hook"], base["sae_id"]), lin["coef"].float(), lin["intercept"].float())
 
 
 def _predictors(ctx: AnalysisContext, saes: pl.DataFrame, base: dict) -> list[Predictor]:
@@ -153,7 +147,38 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
                  next(r["r2_pooled"] for r in rows if r["predictor"] == p.name and r["target"] == "nonlinear_error"))
     return pl.DataFrame(rows).with_columns(
         base_sae_id=pl.lit(base["sae_id"]), pursuit_fvu_nonlinear_reduction_pct=pl.lit(_pursuit_reduction(ctx, base)),
+        **{k: pl.lit(v) for k, v in _ce_recovered(ctx, base["sae_id"]).items()},
         **{k: pl.lit(v) for k, v in ctx.resampling(np.unique(contexts)).items()})
+
+
+CE_PARTS = {"nonlinear": "sae+nonlinear", "nonlinear_from_previous_layer": SOURCE_CONDITION}
+
+
+def _ce_recovered(ctx: AnalysisContext, sae_id: str) -> dict[str, float]:
+    """% of the CE gap Sae(x) leaves that splicing in its whole NonlinearError closes, and that its part predicted
+    by the previous layer's SAE closes (measure_sources_ce), on the same contexts, with intervals resampling
+    documents (paired: one draw serves both); NaN without that step."""
+    keys = [f"ce_recovered_{p}_pct{s}" for p in CE_PARTS for s in ("", "_ci_low", "_ci_high")] + ["ce_contexts"]
+    out = dict.fromkeys(keys, math.nan)
+    if not ctx.has_table("token_ce"):
+        return out
+    with ctx.connect() as con:
+        per = con.sql("""SELECT context, condition, count(*) AS n, sum(ce::DOUBLE) AS ce FROM token_ce
+                         WHERE (sae_id = ? AND condition IN ('sae', 'sae+nonlinear', ?))
+                            OR (sae_id = '' AND condition = 'clean') GROUP BY ALL""",
+                      params=[sae_id, SOURCE_CONDITION]).pl()
+    wide = per.pivot(on="condition", index="context", values=["ce", "n"]).drop_nulls().sort("context")
+    if wide.is_empty() or f"ce_{SOURCE_CONDITION}" not in wide.columns:
+        return out
+    n = wide["n_clean"].to_numpy().astype(np.float64)
+    w = np.vstack([np.ones(len(n)), ctx.resample_weights(wide["context"].to_numpy())])  # row 0: the point estimate
+    mean = {c: (w @ wide[f"ce_{c}"].to_numpy()) / (w @ n) for c in ("clean", "sae", *CE_PARTS.values())}
+    for part, cond in CE_PARTS.items():
+        pct = np.array([percent_recovered(*m) for m in zip(mean["sae"], mean[cond], mean["clean"], strict=True)])
+        low, high = percentile_interval(pct[1:], ctx.analysis.confidence)
+        out |= {f"ce_recovered_{part}_pct": float(pct[0]), f"ce_recovered_{part}_pct_ci_low": float(low),
+                f"ce_recovered_{part}_pct_ci_high": float(high)}
+    return out | {"ce_contexts": float(len(n))}
 
 
 def _all_saes(ctx: AnalysisContext) -> pl.DataFrame:
@@ -195,6 +220,8 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
                 out[f"r2_{target}_from_{key}_ci_high"] = r["r2_pooled_high"]
     pursuit = float(table["pursuit_fvu_nonlinear_reduction_pct"][0])
     out["pursuit_fvu_nonlinear_reduction_pct"] = pursuit
+    for key in (c for c in table.columns if c.startswith("ce_recovered_") or c == "ce_contexts"):
+        out[key] = float(table[key][0])
     prev = _pick(table, "previous-layer residual SAE", "nonlinear_error")
     if prev is None or not math.isfinite(pursuit):
         out["previous_layer_beats_pursuit"] = "not measured"

@@ -283,6 +283,22 @@ def cmd_measure_pursuit_ce(args: argparse.Namespace) -> None:
                                  device=device, device_info=device_info)
 
 
+def cmd_measure_sources_ce(args: argparse.Namespace) -> None:
+    from darkmatter.config import ConfigSlice, DownstreamConfig, HarvestConfig
+    from darkmatter.downstream.ce import measure_sources_ce_to_folder
+
+    device, device_info = _device(args)
+    params = _params(args)
+    ds = ConfigSlice(DownstreamConfig, params["downstream"], "params.downstream")
+    harvest = ConfigSlice(HarvestConfig, params["harvest"], "params.harvest")
+    measure_sources_ce_to_folder(read_json(args.model)["path"], Path(args.tokens), Path(args.errors),
+                                 Path(args.activations), args.hook, args.sae, args.codes, args.source_hook,
+                                 args.source_sae, args.source_codes, Path(args.out), contexts=ds.contexts,
+                                 batch_contexts=ds.batch_contexts, seed=ds.seed, min_pos=harvest.min_pos,
+                                 autocast_bf16=_harvested_in_bf16(args.activations), params=params, device=device,
+                                 device_info=device_info)
+
+
 def cmd_build_database(args: argparse.Namespace) -> None:
     from darkmatter.config import from_dict
     from darkmatter.config.sections import SaeFamilyConfig
@@ -373,6 +389,14 @@ def parser() -> argparse.ArgumentParser:
             ("--model", "model.json"), ("--tokens", "the eval contexts' tokens (.npy)"), ("--sae", "the SAE folder"),
             ("--hook", "the hook"), ("--activations", "the eval activation folder (their harvest precision)"),
             ("--out", "the pursuit CE folder to write"))
+    command("measure-sources-ce", "CE with an SAE's reconstruction plus the part of its nonlinear error that an "
+            "earlier layer's SAE predicts", params,
+            ("--model", "model.json"), ("--tokens", "the eval contexts' tokens (.npy)"),
+            ("--errors", "the hook's errors folder (the SAE's b* and the fit rows)"),
+            ("--activations", "the eval activation folder (their harvest precision)"), ("--hook", "the hook"),
+            ("--sae", "the SAE folder"), ("--codes", "its codes folder"), ("--source-hook", "the earlier hook"),
+            ("--source-sae", "the earlier hook's SAE folder"), ("--source-codes", "its codes folder"),
+            ("--out", "the sources CE folder to write"))
     command("train-error-saes", "SAEs on the linear and nonlinear error of one SAE (and on its whole error)", params,
             ("--train-activations", "the train activation folder"), ("--eval-activations", "the eval activation folder"),
             ("--sae", "the base SAE folder"), ("--errors", "the hook's errors folder (the base SAE's b*)"),

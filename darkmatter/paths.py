@@ -18,6 +18,8 @@
                                              codes and metrics (darkmatter.errors.error_saes)
       ce/                                  measure_ce: token_ce.parquet, summary.parquet
       pursuit/ce/                          measure_pursuit_ce: token_ce.parquet of the widest SAE's pursuit
+      sources/ce/                          measure_sources_ce: token_ce.parquet with the part of the NonlinearError
+                                             that the previous layer's SAE predicts, and that map
       darkmatter.duckdb                    build_database: the queryable per-token store
       analyses/<name>/                     run_analysis: table.parquet, summary.json, figures, meta.json
       logs/                                one log per step
@@ -104,6 +106,10 @@ class ExperimentPaths:
     @property
     def pursuit_ce(self) -> Path:
         return self.root / "pursuit" / "ce"
+
+    @property
+    def sources_ce(self) -> Path:
+        return self.root / "sources" / "ce"
 
     def error_saes(self, hook: str) -> Path:
         return self.root / "error_saes" / hook

@@ -50,7 +50,7 @@ UNKNOWN = dict(d_model=4096, n_layers=32, n_heads=32, d_ff=14336, vocab_size=128
 
 # The steps that run torch on the language model or an SAE: where a GPU would help.
 TORCH_STEPS = frozenset({"harvest", "train-sae", "encode-sae", "measure-ce", "pursue", "measure-pursuit-ce",
-                         "train-error-saes"})
+                         "measure-sources-ce", "train-error-saes"})
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,9 @@ def step_resources(cfg: ExperimentConfig, step: str, shape: ModelShape, *, split
         fit = min(cfg.decomposition.fit_tokens, rows)
         mem = 4 * rows * d * FLOAT + 2 * fit * d * 8 + rows * fits * 64
         sec = rows * d * d * fits * REGRESSION_S
-    elif step in ("measure-ce", "measure-pursuit-ce"):
-        saes = of_hook if step == "measure-ce" else [widest(of_hook)]
+    elif step in ("measure-ce", "measure-pursuit-ce", "measure-sources-ce"):
+        # measure-sources-ce: the base SAE and the previous layer's, sized here as two of the widest
+        saes = of_hook if step == "measure-ce" else [widest(of_hook)] * (2 if step == "measure-sources-ce" else 1)
         tokens = cfg.downstream.contexts * h.context_size
         conditions = 1 + 3 * len(saes) if step == "measure-ce" else 2
         mem = (_forward_bytes(shape, cfg.downstream.batch_contexts * h.context_size, with_logits=True)
@@ -204,6 +205,9 @@ def step_resources(cfg: ExperimentConfig, step: str, shape: ModelShape, *, split
         if step == "measure-pursuit-ce":
             w = saes[0].spec
             sec += tokens * _iterations(cfg, w.k) * d * w.d_sae * PURSUIT_S
+        if step == "measure-sources-ce":  # the map, fitted from both SAEs' codes of the eval rows
+            mem += 2 * s.eval_rows * d * FLOAT
+            sec += s.eval_rows * d * d * 2 * REGRESSION_S
     elif step == "pursue":
         iters = _iterations(cfg, spec.k)
         mem = 3 * s.pursued * d * FLOAT + 2 * spec.d_sae * d * FLOAT + s.pursued * iters * 8 + 4 * (1 << 24) * FLOAT

@@ -113,6 +113,9 @@ DEVICE_STEPS = {  # every step that honours the device, with dummy arguments (th
     "pursue": ["--sae", "s", "--codes", "c", "--activations", "a", "--hook", "h", "--out", "o"],
     "measure-pursuit-ce": ["--model", "m", "--tokens", "t", "--sae", "s", "--hook", "h", "--activations", "a",
                            "--out", "o"],
+    "measure-sources-ce": ["--model", "m", "--tokens", "t", "--errors", "e", "--activations", "a", "--hook", "h",
+                           "--sae", "s", "--codes", "c", "--source-hook", "g", "--source-sae", "p", "--source-codes",
+                           "q", "--out", "o"],
     "train-error-saes": ["--train-activations", "a", "--eval-activations", "b", "--sae", "s", "--errors", "e",
                          "--hook", "h", "--out", "o"],
 }

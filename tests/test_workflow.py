@@ -17,6 +17,7 @@ import yaml
 
 from darkmatter.config import load_config
 from darkmatter.device import resolve_device
+from darkmatter.downstream.ce import SOURCE_CONDITION
 from darkmatter.paths import ExperimentPaths
 from darkmatter.resources import model_shape, step_resources
 from darkmatter.sae.families import expand_families, widest
@@ -155,7 +156,7 @@ def test_slurm_profile_plans_as_a_global_profile(tmp_path):
     plan = _plan(["--profile", str(REPO / "profiles" / "slurm")], tmp_path)
     assert "profiles/slurm" in plan and "profiles/default" in plan
     jobs = _jobs(plan)
-    assert len(jobs) == 51  # 50 jobs and `all`, as the Job stats table counts them
+    assert len(jobs) == 67  # 66 jobs and `all`, as the Job stats table counts them
     assert int(jobs["harvest/split=eval"].get("threads", 1)) == os.cpu_count()
     assert "threads" not in jobs["build_database/"]
 
@@ -325,6 +326,9 @@ def test_smoke_workflow_end_to_end(tmp_path):
         assert con.execute("SELECT count(*) FROM pursuit_errors").fetchone()[0] == 2 * n_saes * pursued
         spliced = con.execute("SELECT DISTINCT sae_id FROM token_ce WHERE condition = 'pursuit'").fetchall()
         assert spliced == [(widest(primary).sae_id,)]
+        # the previous layer's SAE predicts part of the widest SAE's NonlinearError: spliced for that SAE only
+        sourced = con.execute("SELECT DISTINCT sae_id FROM token_ce WHERE condition = ?", [SOURCE_CONDITION]).fetchall()
+        assert sourced == [(widest(primary).sae_id,)]
         hooks = dict(con.execute("SELECT hook, count(*) FROM saes GROUP BY hook").fetchall())
         assert hooks == {cfg.primary_hook: len(primary)} | {h: 1 for h in cfg.harvest.hooks[1:]}
         error_saes = con.execute("SELECT component, base_sae_id, width, fvu FROM error_saes ORDER BY 1").fetchall()
@@ -335,6 +339,9 @@ def test_smoke_workflow_end_to_end(tmp_path):
         summary = json.loads((results / "analyses" / name / "summary.json").read_text())
         numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         assert numbers, name
+    sources = json.loads((results / "analyses" / "error_sources" / "summary.json").read_text())
+    assert np.isfinite(sources["ce_recovered_nonlinear_from_previous_layer_pct"])
+    assert sources["ce_contexts"] == cfg.downstream.contexts
     # every heavy job's benchmark: one row with its wall time and peak memory
     for bench in [results / "benchmarks" / "harvest" / "train.tsv", results / "benchmarks" / "measure_ce.tsv",
                   results / "benchmarks" / "train_sae" / primary[0].hook / f"{primary[0].sae_id}.tsv"]:
@@ -352,7 +359,8 @@ def test_smoke_workflow_end_to_end(tmp_path):
     assert planned_jobs(args, analysis_edit, tmp_path) == {"run_analysis": 1, "render_report": 1, "all": 1}
     fit_edit = smoke | {"decomposition": smoke["decomposition"] | {"fit_tokens": 1200}}
     assert planned_jobs(args, fit_edit, tmp_path) == {
-        "measure_errors": n_hooks, "measure_ce": 1, "measure_pursuit": n_hooks, "train_error_saes": 1, "build_database": 1,
+        "measure_errors": n_hooks, "measure_ce": 1, "measure_sources_ce": 1, "measure_pursuit": n_hooks,
+        "train_error_saes": 1, "build_database": 1,
         "run_analysis": len(cfg.analysis.names), "render_report": 1, "all": 1}  # no harvest, training, encoding, pursuit
     # (the error SAEs learn the errors b* splits: a new b* retrains them)
     pursuit_edit = smoke | {"pursuit": {"contexts": 8}}

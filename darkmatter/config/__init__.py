@@ -28,12 +28,12 @@ from darkmatter.config.sections import (
     SyntheticValidationOptions,
 )
 from darkmatter.config.steps import STEP_KEYS, step_params, step_slice
-from darkmatter.config.validate import hook_layer, load_config, model_n_layers, validate
+from darkmatter.config.validate import hook_layer, load_config, model_n_layers, previous_residual, validate
 
 __all__ = [
     "ANALYSES", "STEP_KEYS", "AnalysisConfig", "ConfigError", "ConfigSlice", "CorpusConfig", "DecompositionConfig",
     "DownstreamConfig", "ErrorComponentSaesOptions", "ErrorSaesConfig", "ExperimentConfig", "HarvestConfig", "JudgeOptions", "ModelConfig", "PerTokenScalingOptions",
     "ProbeMechanismOptions", "PursuitConfig", "RandomModelConfig", "SaeFamilyConfig", "SaeTrainingConfig", "ScalingDecompositionOptions",
-    "SyntheticValidationOptions", "from_dict", "hook_layer", "load_config", "model_n_layers", "stable_hash",
+    "SyntheticValidationOptions", "from_dict", "hook_layer", "load_config", "model_n_layers", "previous_residual", "stable_hash",
     "step_params", "step_slice", "to_dict", "validate",
 ]

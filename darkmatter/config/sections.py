@@ -341,6 +341,10 @@ class ExperimentConfig:
     families: tuple[SaeFamilyConfig, ...] = (
         SaeFamilyConfig(),
         SaeFamilyConfig(name="k", widths=(4096,), ks=(8, 16, 32, 64, 128)),
+        # one SAE on each other harvested hook, 16 x d_model wide: the predictors of analyses/error_sources.py
+        SaeFamilyConfig(name="resid14", hook="blocks.14.hook_resid_post", widths=(9216,), seeds=(0,)),
+        SaeFamilyConfig(name="mlp15", hook="blocks.15.hook_mlp_out", widths=(9216,), seeds=(1,)),
+        SaeFamilyConfig(name="attn15", hook="blocks.15.hook_attn_out", widths=(9216,), seeds=(2,)),
     )
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)

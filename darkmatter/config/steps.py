@@ -26,6 +26,7 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "pursue": {"pursuit": ("contexts", "seed", "l0_multiple", "l0")},
     "measure-pursuit": {"decomposition": ALL},
     "measure-pursuit-ce": {"downstream": ALL, "harvest": ("min_pos",), "pursuit": ("l0_multiple", "l0")},
+    "measure-sources-ce": {"downstream": ALL, "harvest": ("min_pos",)},
     "train-error-saes": {"training": ALL, "error_saes": ("expansion", "k", "seed")},
     "build-database": {"families": ALL, "harvest": ("hooks",)},
     # plus the analysis's own options, analysis.<name> (see step_params)

@@ -30,6 +30,13 @@ def hook_layer(hook: str) -> int:
     return int(m.group(1))
 
 
+def previous_residual(hook: str) -> str | None:
+    """The residual stream after the block before ``hook``'s (``blocks.14.hook_resid_post`` for any hook of block
+    15): the earlier layer whose SAE the paper asks to predict a layer's error from. None in block 0."""
+    layer = hook_layer(hook)
+    return f"blocks.{layer - 1}.hook_resid_post" if layer > 0 else None
+
+
 def model_n_layers(model: ModelConfig, where: str = "config") -> int | None:
     """Number of blocks, when it can be known offline and cheaply (None for hub models)."""
     if model.source == "embedded":

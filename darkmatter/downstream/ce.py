@@ -6,6 +6,8 @@ from the hook onwards (:func:`darkmatter.downstream.splice.splice_losses`). Cond
 - ``clean``; ``zero`` (zero ablation, the ecosystem's CE-score baseline); ``mean`` (mean ablation);
 - per SAE: ``sae`` = Sae(x); ``sae+linear`` = Sae(x) + LinearError(x); ``sae+nonlinear`` = Sae(x) + NonlinearError(x),
 - and, in a step of its own for the widest SAE, ``pursuit`` = its gradient-pursuit reconstruction (experiment 10),
+- and, in another, for the widest k = 32 SAE, ``sae+nonlinear_from_previous_layer`` = Sae(x) + the part of its
+  NonlinearError that the previous layer's SAE predicts (experiment 11; :func:`measure_sources_ce_to_folder`),
 
 with LinearError(x) = x·b* + c (the fitted map of ``darkmatter.errors.decompose``) and NonlinearError = x − Sae(x) − LinearError.
 """
@@ -26,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from darkmatter.downstream.splice import (
+    Conditioned,
     ce_loss_score,
     mean_ablation,
     percent_recovered,
@@ -38,6 +41,8 @@ from darkmatter.precision import autocast
 log = logging.getLogger(__name__)
 
 SAE_CONDITIONS = ("sae", "sae+linear", "sae+nonlinear")
+SOURCE_CONDITION = "sae+nonlinear_from_previous_layer"
+SOURCE_MAP = "nonlinear_map.safetensors"
 GLOBAL_CONDITIONS = ("clean", "zero", "mean")
 
 
@@ -50,12 +55,12 @@ class SplicedSae:
     intercept: Tensor  # [d]
 
 
-def _flat(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """Apply a [N, d] -> [N, d] map to [B, T, d] activations in float32, outside any autocast: an SAE and b* are
-    applied in the precision they were fitted in, whatever precision the model runs in."""
-    def flat(x: Tensor) -> Tensor:
+def _flat(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Apply a map of [N, d] rows (x and any further activations) to [B, T, d] activations in float32, outside any
+    autocast: an SAE and b* are applied in the precision they were fitted in, whatever precision the model runs in."""
+    def flat(x: Tensor, *others: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return fn(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
+            return fn(*(a.reshape(-1, a.shape[-1]).float() for a in (x, *others))).reshape(x.shape)
 
     return flat
 
@@ -160,7 +165,11 @@ def summarize_ce(per_token: pl.DataFrame) -> pl.DataFrame:
 
 
 def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, params: Any, started: float,
-              autocast_bf16: bool, device_info: dict[str, Any] | None) -> None:
+              autocast_bf16: bool, device_info: dict[str, Any] | None,
+              arrays: Mapping[str, dict[str, Tensor]] | None = None) -> None:
+    """token_ce.parquet, the summary, any ``arrays`` (file name → tensors, safetensors) and provenance, atomically."""
+    from safetensors.torch import save_file
+
     from darkmatter.io import atomic_dir
     from darkmatter.provenance import write_provenance
 
@@ -168,6 +177,8 @@ def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, para
         table.write_parquet(tmp / "token_ce.parquet")
         if summary is not None:
             summary.write_parquet(tmp / "summary.parquet")
+        for name, tensors in (arrays or {}).items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
         write_provenance(tmp, params, started=started,
                          extra={"model_autocast_bf16": autocast_bf16, "device": device_info})
 
@@ -229,3 +240,52 @@ def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: st
                        batch_contexts=batch_contexts, autocast_bf16=autocast_bf16)
     _write_ce(out, table, None, params, started, autocast_bf16, device_info)
     log.info("pursuit CE on %d contexts for %s in %.0f s", len(chosen), Path(sae_dir).name, time.time() - started)
+
+
+def measure_sources_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, activations: Path, hook: str,
+                                 sae_dir: str, codes_dir: str, source_hook: str, source_sae_dir: str,
+                                 source_codes_dir: str, out: Path, *, contexts: int, batch_contexts: int,
+                                 min_pos: int, seed: int = 0, autocast_bf16: bool = False, params: Any = None,
+                                 device: torch.device | str = "cpu", device_info: dict[str, Any] | None = None) -> None:
+    """The ``measure_sources_ce`` step: how much CE does the part of an SAE's NonlinearError that an earlier layer's
+    SAE predicts recover?
+
+    Fits NonlinearError(x) ≈ SourceSae(x_source)·W + c (affine, on the decomposition's fit rows of the eval split,
+    from both SAEs' stored codes: darkmatter.errors.sources), then splices Sae(x) + SourceSae(x_source)·W + c at
+    ``hook`` on the contexts of ``measure_ce`` (condition :data:`SOURCE_CONDITION`; x_source is the clean pass's
+    activation at ``source_hook``). Writes token_ce.parquet (its clean rows equal measure_ce's) and the map W, c
+    (nonlinear_map.safetensors) into ``out``."""
+    from darkmatter.data.activations import ActivationStore
+    from darkmatter.data.models import load_model
+    from darkmatter.errors.measure import LINEAR_MAP, SPLIT
+    from darkmatter.errors.sources import component_rows, fit_on, reconstruction_rows
+    from darkmatter.sae.codes import load_codes
+    from darkmatter.sae.formats import load_sae
+
+    started = time.time()
+    store = ActivationStore(activations)
+    x = store.activations(hook)
+    sae, source = load_sae(sae_dir), load_sae(source_sae_dir)
+    sae_id = Path(sae_dir).name
+    lin = load_safetensors(Path(errors) / sae_id / LINEAR_MAP)
+    target = component_rows(x, load_codes(codes_dir, sae), lin["coef"].float(), lin["intercept"].float(),
+                            ("nonlinear_error",))
+    fit = fit_on(reconstruction_rows(load_codes(source_codes_dir, source), len(x)), target,
+                 load_npy(Path(errors) / SPLIT))
+    coef = torch.from_numpy(fit.coef.astype(np.float32)).to(device)
+    intercept = torch.from_numpy(fit.intercept.astype(np.float32)).to(device)
+    sae, source = sae.to(device), source.to(device)
+
+    def spliced(v: Tensor, v_source: Tensor) -> Tensor:
+        return sae(v).x_hat + torch.addmm(intercept, source(v_source).x_hat, coef)
+
+    model, _ = load_model(model_path, device=device)
+    tokens = load_npy(tokens_path)
+    chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
+    reps = {f"{sae_id}|{SOURCE_CONDITION}": Conditioned(_flat(spliced), (source_hook,))}
+    table = measure_ce(model, tokens, chosen, hook, min_pos, reps, batch_contexts=batch_contexts,
+                       autocast_bf16=autocast_bf16)
+    _write_ce(out, table, None, params, started, autocast_bf16, device_info,
+              arrays={SOURCE_MAP: {"coef": coef.cpu(), "intercept": intercept.cpu()}})
+    log.info("CE of %s + its NonlinearError predicted from %s on %d contexts in %.0f s", sae_id, source_hook,
+             len(chosen), time.time() - started)

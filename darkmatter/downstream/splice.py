@@ -29,11 +29,22 @@ from torch import Tensor, nn
 from transformers import Cache
 
 from darkmatter.config import hook_layer
+from darkmatter.data.harvest import capture
 from darkmatter.data.models import blocks, final_norm, hook_module, logits_from_hidden, output_tensor
 
 log = logging.getLogger(__name__)
 
 Replacement = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Conditioned:
+    """A replacement that also reads the clean pass's activations at other ``hooks`` (positions ≥ ``min_pos``):
+    ``fn(x, *[clean activation at h for h in hooks])``, e.g. Sae(x) plus what an earlier layer's SAE predicts of
+    the error. Those activations are captured once, in the clean pass, and are the same for every condition."""
+
+    fn: Callable[..., Tensor]
+    hooks: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,7 @@ def _block_input(block: nn.Module, call: tuple[tuple, dict]) -> Tensor:
 
 
 def splice_losses(model: nn.Module, input_ids: Tensor, hook: str, min_pos: int,
-                  replacements: Mapping[str, Replacement], reuse_prefix: bool = True) -> SpliceLosses:
+                  replacements: Mapping[str, Replacement | Conditioned], reuse_prefix: bool = True) -> SpliceLosses:
     """CE and KL(clean ‖ spliced) per token for the clean model and each replacement at ``hook``.
 
     ``reuse_prefix=False`` recomputes the whole forward pass per condition: the reference the prefix-reuse path
@@ -165,11 +176,15 @@ def splice_losses(model: nn.Module, input_ids: Tensor, hook: str, min_pos: int,
     handles = [blks[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(layer, len(blks))]
     if first > layer:  # the clean x, where conditions start from it
         handles.append(target.register_forward_hook(lambda _m, _i, out: clean_x.append(output_tensor(out))))
+    read = list(dict.fromkeys(h for r in replacements.values() if isinstance(r, Conditioned) for h in r.hooks))
     try:
-        clean = model.base_model(input_ids=input_ids, use_cache=reuse_prefix)
+        with capture(model, read, min_pos) as others:
+            clean = model.base_model(input_ids=input_ids, use_cache=reuse_prefix)
     finally:
         for h in handles:
             h.remove()
+    replacements = {name: (lambda x, r=r: r.fn(x, *[others[h] for h in r.hooks])) if isinstance(r, Conditioned) else r
+                    for name, r in replacements.items()}
     dtype = clean.last_hidden_state.dtype
     suffix = None
     if reuse_prefix:

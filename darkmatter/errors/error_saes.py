@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from darkmatter.config import SaeTrainingConfig
+from darkmatter.errors.sources import COMPONENTS, split_error
 from darkmatter.io import atomic_dir, load_safetensors, write_json
 from darkmatter.provenance import write_provenance
 from darkmatter.regression import LazyRows
@@ -48,7 +49,6 @@ from darkmatter.sae.train import Trainer, TrainResult, write_trained
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("sae_error", "linear_error", "nonlinear_error")
 CONTEXT_SUMS, METRICS = "context_sums.safetensors", "metrics.json"
 EVAL_CHUNK = 8192
 
@@ -72,9 +72,8 @@ class ErrorComponents:
         """Each component [N, d] (float32, on the SAE's device) of activations x [N, d]; they sum to x − Sae(x)
         exactly as defined."""
         x = x.float().to(self.coef.device)
-        error = x - sparse_codes(self.sae, x, chunk_tokens=len(x)).x_hat(slice(None))
-        linear = torch.addmm(self.intercept, x, self.coef)
-        return {"sae_error": error, "linear_error": linear, "nonlinear_error": error - linear}
+        return split_error(x, sparse_codes(self.sae, x, chunk_tokens=len(x)).x_hat(slice(None)), self.coef,
+                           self.intercept)
 
 
 def component_rows(x: np.ndarray, components: ErrorComponents, name: str) -> LazyRows:

@@ -133,8 +133,9 @@ def build_experiment_database(paths: ExperimentPaths, families: Sequence[SaeFami
     saes = saes_table(members, [paths.sae_errors(m.hook, m.sae_id) / METRICS for m in members],
                       pl.read_parquet(ce_summary) if ce_summary.is_file() else None, pursuit)
     ce_rows = [pl.read_parquet(token_ce)] if token_ce.is_file() else []
-    if (paths.pursuit_ce / "token_ce.parquet").is_file():  # its clean rows repeat measure_ce's
-        ce_rows.append(pl.read_parquet(paths.pursuit_ce / "token_ce.parquet").filter(pl.col("condition") != "clean"))
+    for extra in (paths.pursuit_ce, paths.sources_ce):  # their clean rows repeat measure_ce's
+        if (extra / "token_ce.parquet").is_file():
+            ce_rows.append(pl.read_parquet(extra / "token_ce.parquet").filter(pl.col("condition") != "clean"))
     hooks = dict.fromkeys(m.hook for m in members)
     error_sae_metrics = [paths.error_saes(h) / ERROR_SAE_METRICS for h in hooks if paths.error_saes(h).is_dir()]
     return build_database(out or paths.database, tokens, saes,

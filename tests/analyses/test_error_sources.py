@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -56,3 +57,37 @@ def test_summary_names_the_comparison_and_the_unit(out):
     assert math.isnan(s["pursuit_fvu_nonlinear_reduction_pct"])  # not pursued here: no comparison
     assert s["previous_layer_beats_pursuit"] == "not measured" and "note" not in s
     assert "r2" in res["figures"]
+
+
+def test_ce_recovered_by_the_predicted_nonlinear_error_beside_the_whole(tmp_path):
+    """Planted per-token CE: per context the SAE's gap is 1 + u_c, the whole NonlinearError closes half of it and its
+    previous-layer prediction a fifth, so every resample gives exactly 50% and 20%."""
+    from darkmatter.config import SaeFamilyConfig, from_dict
+    from darkmatter.downstream.ce import SOURCE_CONDITION
+    from darkmatter.store.build import build_experiment_database
+    from tests.helpers import _ByteTokenizer
+
+    exp = make_experiment(tmp_path, n_contexts=10, n_positions=40, source_hooks=True)
+    base = "topk-w96-k4-s0"
+    u = np.random.default_rng(0).uniform(0, 1, 10)
+    rows = []
+    for c in range(10):
+        gap = 1 + u[c]
+        for sae_id, cond, ce in (("", "clean", 1.0), (base, "sae", 1 + gap), (base, "sae+nonlinear", 1 + gap / 2),
+                                 (base, SOURCE_CONDITION, 1 + 0.8 * gap)):
+            rows.append(pl.DataFrame({"sae_id": sae_id, "condition": cond, "context": np.full(5, c, np.int32),
+                                      "position": np.arange(5, dtype=np.int32), "ce": np.full(5, ce, np.float32),
+                                      "kl": np.zeros(5, np.float32)}))
+    table = pl.concat(rows)
+    for folder, part in ((exp.paths.ce, table.filter(pl.col("condition") != SOURCE_CONDITION)),
+                         (exp.paths.sources_ce, table.filter(pl.col("condition").is_in(["clean", SOURCE_CONDITION])))):
+        folder.mkdir(parents=True)
+        part.write_parquet(folder / "token_ce.parquet")
+    families = [from_dict(SaeFamilyConfig, f) for f in exp.params["families"]]
+    exp.db.unlink()
+    build_experiment_database(exp.paths, families, exp.hook, tokenizer=_ByteTokenizer())
+    s = exp.run("error_sources", tmp_path / "out")["summary"]
+    assert s["ce_contexts"] == 10
+    for part, pct in (("nonlinear", 50.0), ("nonlinear_from_previous_layer", 20.0)):
+        for suffix in ("", "_ci_low", "_ci_high"):  # float32 CE: a few ulps of 100
+            assert s[f"ce_recovered_{part}_pct{suffix}"] == pytest.approx(pct, abs=1e-4)

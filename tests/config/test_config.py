@@ -80,7 +80,7 @@ def _bad(tmp_path, data: dict) -> str:
         ({"analysis": {"probe_mechanism": {"tokens": 1}}}, "analysis.probe_mechanism.tokens", ">= 2"),
         ({"families": [{"name": "g", "architecture": "gated"}]}, "families[0].architecture", "one of topk"),
         ({"downstream": {"contexts": 0}}, "downstream.contexts", ">= 1"),
-        ({"families": [{"name": "w", "hook": "blocks.14.hook_resid_post"}]}, "families[0].hook", "one of harvest.hooks"),
+        ({"families": [{"name": "w", "hook": "blocks.13.hook_resid_post"}]}, "families[0].hook", "one of harvest.hooks"),
         ({"harvest": {"hooks": ["blocks.15.hook_resid_post", "blocks.14.hook_resid_post"]},
           "families": [{"name": "a", "widths": [64]}, {"name": "b", "hook": "blocks.14.hook_resid_post", "widths": [64]}]},
          "families", "SAEs on different hooks to differ"),

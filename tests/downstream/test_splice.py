@@ -8,6 +8,7 @@ import torch
 from darkmatter.data.harvest import capture
 from darkmatter.downstream import splice
 from darkmatter.downstream.splice import (
+    Conditioned,
     ce_loss_score,
     mean_ablation,
     percent_recovered,
@@ -88,6 +89,33 @@ def test_replacement_cannot_touch_positions_before_min_pos(llama):
     after = spliced["blocks.2.hook_resid_post"]
     assert torch.equal(after[:, :8], clean_next[:, :8])  # causal: earlier positions keep their values
     assert (after[:, 8:] - clean_next[:, 8:]).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_a_conditioned_replacement_reads_other_hooks_of_the_clean_pass(llama, reuse_prefix):
+    """Replacing block 1's output by block 0's (read through Conditioned) skips block 1 on positions >= 8: the CE
+    equals a naive forward pass with that block bypassed there."""
+    model, _ = llama
+    ids = _ids(4)
+    bypass = Conditioned(lambda x, previous: previous + 0.0 * x, ("blocks.0.hook_resid_post",))
+
+    def skip(_module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        out = out.clone()
+        out[:, 8:] = args[0][:, 8:]
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    with torch.no_grad():
+        res = splice_losses(model, ids, "blocks.1.hook_resid_post", 8, {"bypass": bypass}, reuse_prefix=reuse_prefix)
+        handle = model.model.layers[1].register_forward_hook(skip)
+        try:
+            logits = model(ids).logits.float()
+        finally:
+            handle.remove()
+    ref = torch.nn.functional.cross_entropy(logits[:, 8:-1].transpose(1, 2), ids[:, 9:], reduction="none")
+    tol = 64 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+    torch.testing.assert_close(res.ce["bypass"], ref, rtol=0, atol=tol)
+    assert (res.ce["bypass"] - res.ce["clean"]).abs().max() > 1e-3  # skipping a block is visible
 
 
 def test_percent_recovered_and_ce_score_on_a_tiny_model(llama):

@@ -10,9 +10,10 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
-from darkmatter.config import step_params
+from darkmatter.config import previous_residual, step_params
 from darkmatter.device import ENV_VAR as DEVICE_ENV_VAR
 from darkmatter.resources import model_shape, step_resources
+from darkmatter.errors.sources import SOURCE_K
 from darkmatter.paths import ExperimentPaths
 from darkmatter.sae.families import error_sae_base, expand_families, widest
 
@@ -72,6 +73,13 @@ HOOKS = list(dict.fromkeys(m.hook for m in MEMBERS))  # hooks that have SAEs
 
 def members_of(hook):
     return [m for m in MEMBERS if m.hook == hook]
+
+
+# the CE splice of the error_sources analysis (measure_sources_ce): the primary hook's widest k = 32 SAE and the
+# previous layer's, when the experiment has an SAE there
+_PREVIOUS = members_of(previous_residual(EXP.primary_hook))
+SOURCES_CE = ((error_sae_base(members_of(EXP.primary_hook), None, SOURCE_K), error_sae_base(_PREVIOUS, None, SOURCE_K))
+              if _PREVIOUS else None)
 
 
 wildcard_constraints:

@@ -10,6 +10,7 @@ rule build_database:
         ce=rules.measure_ce.output[0],
         pursuit=[str(P.pursuit_errors(hook)) for hook in HOOKS],
         pursuit_ce=rules.measure_pursuit_ce.output[0],
+        sources_ce=[str(P.sources_ce)] if SOURCES_CE is not None else [],
         error_saes=[str(P.error_saes(EXP.primary_hook))] if EXP.error_saes.enabled else [],
     output:
         str(P.database),
