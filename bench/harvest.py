@@ -1,11 +1,13 @@
 """Harvest throughput vs its limit and vs the naive approach, measured in one run (fp32 and bf16).
 
-(a) the limit: a bare forward pass over the same batches with the blocks after the hook removed;
-(b) the naive user: the model's ordinary full forward pass (all blocks + logits) with a forward hook.
-Ours: :func:`darkmatter.data.harvest.harvest` itself, writing its memmapped store. Trials are interleaved
-(ours, a, b, ours, a, b, ...) and medians reported, because the machine's 2 cores are noisy.
+(a) the limit: a bare forward pass over the same batches with the blocks after the last hooked one removed;
+(b) the naive user: the model's ordinary full forward pass (all blocks + logits) with forward hooks.
+Ours: :func:`darkmatter.data.harvest.harvest` itself, writing its memmapped store (every hook, float32: with the
+default's four hooks, 4 × d_model × 4 bytes per token). Trials are interleaved (ours, a, b, ours, a, b, ...) and
+medians reported, because the machine's 2 cores are noisy.
 
-    python -m bench.harvest [--model results/default/model/hf] [--contexts 8] [--repeats 3]
+    python -m bench.harvest [--model results/default/model/hf] [--hooks H ...] [--contexts 8] [--repeats 3]
+                            [--precisions fp32 bf16]
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkmatter.config import hook_layer
+from darkmatter.config import HarvestConfig, hook_layer
 from darkmatter.data.harvest import HarvestSpec, capture, harvest
 from darkmatter.data.models import blocks, load_model
 
 
-def bare_early_stop(model, ids: torch.Tensor, hook: str, batch: int) -> None:
+def bare_early_stop(model, ids: torch.Tensor, hooks: list[str], batch: int) -> None:
     layers = blocks(model)
-    keep = hook_layer(hook) + 1
+    keep = max(hook_layer(h) for h in hooks) + 1
     base = model.base_model
     base.layers = torch.nn.ModuleList(list(layers)[:keep])
     try:
@@ -38,21 +40,24 @@ def bare_early_stop(model, ids: torch.Tensor, hook: str, batch: int) -> None:
         base.layers = layers
 
 
-def naive_full_forward(model, ids: torch.Tensor, hook: str, batch: int) -> None:
+def naive_full_forward(model, ids: torch.Tensor, hooks: list[str], batch: int) -> None:
     for start in range(0, len(ids), batch):
-        with capture(model, [hook]) as acts:
+        with capture(model, hooks) as acts:
             model(ids[start : start + batch])
-        acts[hook].float().numpy().copy()
+        for h in hooks:
+            acts[h].float().numpy().copy()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="results/default/model/hf")
-    ap.add_argument("--hook", default="blocks.15.hook_resid_post")
+    ap.add_argument("--hooks", nargs="+", default=list(HarvestConfig().hooks), help="default: the default run's")
     ap.add_argument("--contexts", type=int, default=8)
     ap.add_argument("--context-size", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                    help="bf16 only where the CPU has it (AVX-512 BF16): elsewhere it is ~40x slower")
     ap.add_argument("--out", default="bench/out/harvest.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -63,9 +68,9 @@ def main() -> None:
     ids = torch.from_numpy(tokens.astype(np.int64))
     n_tok = tokens.size
     results: dict[str, dict[str, float]] = {}
-    for bf16 in (False, True):
+    for bf16 in (p == "bf16" for p in args.precisions):
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        spec = HarvestSpec((args.hook,), 1, args.batch, bf16, with_loss=False)
+        spec = HarvestSpec(tuple(args.hooks), 1, args.batch, bf16, with_loss=False)
         times: dict[str, list[float]] = {"ours": [], "bare_early_stop": [], "naive_full_forward": []}
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.repeats + 1):  # the first round warms up and is discarded
@@ -76,7 +81,7 @@ def main() -> None:
                     else:
                         with torch.inference_mode(), amp:
                             fn = bare_early_stop if name == "bare_early_stop" else naive_full_forward
-                            fn(model, ids, args.hook, args.batch)
+                            fn(model, ids, args.hooks, args.batch)
                     if rep:
                         times[name].append(time.perf_counter() - t0)
         tps = {name: n_tok / statistics.median(t) for name, t in times.items()}
