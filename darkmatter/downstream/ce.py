@@ -107,8 +107,7 @@ def context_documents(contexts_parquet: Path, n_contexts: int) -> np.ndarray:
 
 def measure_ce(model: torch.nn.Module, tokens: np.ndarray, contexts: np.ndarray, hook: str, min_pos: int,
                reps: Mapping[str, Callable[[Tensor], Tensor] | Conditioned], batch_contexts: int = 2,
-               autocast_bf16: bool = False,
-               progress: bool = True) -> pl.DataFrame:
+               autocast_bf16: bool = False, progress: bool = True) -> pl.DataFrame:
     """Per-token CE and KL(clean ‖ spliced) for the clean pass and every replacement in ``reps`` (keyed
     ``"<condition>"`` or ``"<sae_id>|<condition>"``, e.g. :func:`conditions`) on the chosen eval ``contexts``;
     ``autocast_bf16``: the model runs under bf16 autocast, as the activations were harvested (so the SAEs and b*
