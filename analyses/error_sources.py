@@ -25,7 +25,7 @@ from darkmatter.analysis.figures import note_figure
 from darkmatter.analysis.stats import percentile_interval, r2_interval
 from darkmatter.analysis.verdict import Verdict, from_answer
 from darkmatter.config import hook_layer, previous_residual
-from darkmatter.downstream.ce import SOURCE_CONDITION
+from darkmatter.downstream.ce import SOURCE_CONDITION, SOURCE_CONDITION_WITH_LINEAR
 from darkmatter.downstream.splice import percent_recovered
 from darkmatter.errors.sources import COMPONENTS, SOURCE_K, component_rows
 from darkmatter.io import load_safetensors
@@ -37,7 +37,8 @@ PAPER_CLAIM = ("Linear maps from earlier-layer SAE outputs predict part of the n
                "up to about half of its variance), and reduce it more than a better encoder (gradient pursuit) does.")
 HEADLINE = ("r2_nonlinear_error_from_previous_layer_sae", "r2_nonlinear_error_from_other_hooks_saes",
             "pursuit_fvu_nonlinear_reduction_pct", "previous_layer_beats_pursuit",
-            "ce_recovered_nonlinear_from_previous_layer_pct", "ce_recovered_nonlinear_pct")
+            "ce_recovered_nonlinear_from_previous_layer_pct", "ce_recovered_nonlinear_pct",
+            "ce_recovered_nonlinear_from_previous_layer_given_linear_pct")
 TARGETS = COMPONENTS
 
 
@@ -151,30 +152,36 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
         **{k: pl.lit(v) for k, v in ctx.resampling(np.unique(contexts)).items()})
 
 
-CE_PARTS = {"nonlinear": "sae+nonlinear", "nonlinear_from_previous_layer": SOURCE_CONDITION}
+# part -> (the condition splicing it in, the condition whose CE gap it closes part of)
+CE_PARTS = {"nonlinear": ("sae+nonlinear", "sae"), "nonlinear_from_previous_layer": (SOURCE_CONDITION, "sae"),
+            # against Sae(x) + LinearError(x), whose gap is the NonlinearError's own cost: the prediction is fitted to
+            # NonlinearError, and added to Sae(x) alone it also meets the LinearError it was not fitted beside
+            "nonlinear_from_previous_layer_given_linear": (SOURCE_CONDITION_WITH_LINEAR, "sae+linear")}
 
 
 def _ce_recovered(ctx: AnalysisContext, sae_id: str) -> dict[str, float]:
     """% of the CE gap Sae(x) leaves that splicing in its whole NonlinearError closes, and that its part predicted
-    by the previous layer's SAE closes (measure_sources_ce), on the same contexts, with intervals resampling
-    documents (paired: one draw serves both); NaN without that step."""
+    by the previous layer's SAE closes (measure_sources_ce); and % of the gap Sae(x) + LinearError(x) leaves (the
+    NonlinearError's own cost) that adding the predicted part closes. Same contexts, intervals resampling documents
+    (paired: one draw serves all); NaN without that step."""
     keys = [f"ce_recovered_{p}_pct{s}" for p in CE_PARTS for s in ("", "_ci_low", "_ci_high")] + ["ce_contexts"]
     out = dict.fromkeys(keys, math.nan)
     if not ctx.has_table("token_ce"):
         return out
+    used = sorted({c for pair in CE_PARTS.values() for c in pair})
     with ctx.connect() as con:
-        per = con.sql("""SELECT context, condition, count(*) AS n, sum(ce::DOUBLE) AS ce FROM token_ce
-                         WHERE (sae_id = ? AND condition IN ('sae', 'sae+nonlinear', ?))
-                            OR (sae_id = '' AND condition = 'clean') GROUP BY ALL""",
-                      params=[sae_id, SOURCE_CONDITION]).pl()
+        per = con.sql(f"""SELECT context, condition, count(*) AS n, sum(ce::DOUBLE) AS ce FROM token_ce
+                          WHERE (sae_id = ? AND condition IN ({", ".join("?" * len(used))}))
+                             OR (sae_id = '' AND condition = 'clean') GROUP BY ALL""",
+                      params=[sae_id, *used]).pl()
     wide = per.pivot(on="condition", index="context", values=["ce", "n"]).drop_nulls().sort("context")
-    if wide.is_empty() or f"ce_{SOURCE_CONDITION}" not in wide.columns:
+    if wide.is_empty() or any(f"ce_{c}" not in wide.columns for c in used):
         return out
     n = wide["n_clean"].to_numpy().astype(np.float64)
     w = np.vstack([np.ones(len(n)), ctx.resample_weights(wide["context"].to_numpy())])  # row 0: the point estimate
-    mean = {c: (w @ wide[f"ce_{c}"].to_numpy()) / (w @ n) for c in ("clean", "sae", *CE_PARTS.values())}
-    for part, cond in CE_PARTS.items():
-        pct = np.array([percent_recovered(*m) for m in zip(mean["sae"], mean[cond], mean["clean"], strict=True)])
+    mean = {c: (w @ wide[f"ce_{c}"].to_numpy()) / (w @ n) for c in ("clean", *used)}
+    for part, (cond, ref) in CE_PARTS.items():
+        pct = np.array([percent_recovered(*m) for m in zip(mean[ref], mean[cond], mean["clean"], strict=True)])
         low, high = percentile_interval(pct[1:], ctx.analysis.confidence)
         out |= {f"ce_recovered_{part}_pct": float(pct[0]), f"ce_recovered_{part}_pct_ci_low": float(low),
                 f"ce_recovered_{part}_pct_ci_high": float(high)}

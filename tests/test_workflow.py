@@ -17,7 +17,7 @@ import yaml
 
 from darkmatter.config import load_config
 from darkmatter.device import resolve_device
-from darkmatter.downstream.ce import SOURCE_CONDITION
+from darkmatter.downstream.ce import SOURCE_CONDITION, SOURCE_CONDITION_WITH_LINEAR
 from darkmatter.paths import ExperimentPaths
 from darkmatter.resources import model_shape, step_resources
 from darkmatter.sae.families import expand_families, widest
@@ -327,8 +327,9 @@ def test_smoke_workflow_end_to_end(tmp_path):
         spliced = con.execute("SELECT DISTINCT sae_id FROM token_ce WHERE condition = 'pursuit'").fetchall()
         assert spliced == [(widest(primary).sae_id,)]
         # the previous layer's SAE predicts part of the widest SAE's NonlinearError: spliced for that SAE only
-        sourced = con.execute("SELECT DISTINCT sae_id FROM token_ce WHERE condition = ?", [SOURCE_CONDITION]).fetchall()
-        assert sourced == [(widest(primary).sae_id,)]
+        for condition in (SOURCE_CONDITION, SOURCE_CONDITION_WITH_LINEAR):
+            sourced = con.execute("SELECT DISTINCT sae_id FROM token_ce WHERE condition = ?", [condition]).fetchall()
+            assert sourced == [(widest(primary).sae_id,)]
         hooks = dict(con.execute("SELECT hook, count(*) FROM saes GROUP BY hook").fetchall())
         assert hooks == {cfg.primary_hook: len(primary)} | {h: 1 for h in cfg.harvest.hooks[1:]}
         error_saes = con.execute("SELECT component, base_sae_id, width, fvu FROM error_saes ORDER BY 1").fetchall()
@@ -340,7 +341,8 @@ def test_smoke_workflow_end_to_end(tmp_path):
         numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         assert numbers, name
     sources = json.loads((results / "analyses" / "error_sources" / "summary.json").read_text())
-    assert np.isfinite(sources["ce_recovered_nonlinear_from_previous_layer_pct"])
+    for part in ("nonlinear_from_previous_layer", "nonlinear_from_previous_layer_given_linear"):
+        assert np.isfinite(sources[f"ce_recovered_{part}_pct"])
     assert sources["ce_contexts"] == cfg.downstream.contexts
     # every heavy job's benchmark: one row with its wall time and peak memory
     for bench in [results / "benchmarks" / "harvest" / "train.tsv", results / "benchmarks" / "measure_ce.tsv",

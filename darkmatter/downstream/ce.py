@@ -7,7 +7,8 @@ from the hook onwards (:func:`darkmatter.downstream.splice.splice_losses`). Cond
 - per SAE: ``sae`` = Sae(x); ``sae+linear`` = Sae(x) + LinearError(x); ``sae+nonlinear`` = Sae(x) + NonlinearError(x),
 - and, in a step of its own for the widest SAE, ``pursuit`` = its gradient-pursuit reconstruction (experiment 10),
 - and, in another, for the widest k = 32 SAE, ``sae+nonlinear_from_previous_layer`` = Sae(x) + the part of its
-  NonlinearError that the previous layer's SAE predicts (experiment 11; :func:`measure_sources_ce_to_folder`),
+  NonlinearError that the previous layer's SAE predicts, and ``sae+linear+nonlinear_from_previous_layer`` = that plus
+  LinearError(x) (experiment 11; :func:`measure_sources_ce_to_folder`),
 
 with LinearError(x) = x·b* + c (the fitted map of ``darkmatter.errors.decompose``) and NonlinearError = x − Sae(x) − LinearError.
 """
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SAE_CONDITIONS = ("sae", "sae+linear", "sae+nonlinear")
 SOURCE_CONDITION = "sae+nonlinear_from_previous_layer"
+SOURCE_CONDITION_WITH_LINEAR = "sae+linear+nonlinear_from_previous_layer"
 SOURCE_MAP = "nonlinear_map.safetensors"
 GLOBAL_CONDITIONS = ("clean", "zero", "mean")
 
@@ -251,10 +253,10 @@ def measure_sources_ce_to_folder(model_path: str, tokens_path: Path, errors: Pat
     SAE predicts recover?
 
     Fits NonlinearError(x) ≈ SourceSae(x_source)·W + c (affine, on the decomposition's fit rows of the eval split,
-    from both SAEs' stored codes: darkmatter.errors.sources), then splices Sae(x) + SourceSae(x_source)·W + c at
-    ``hook`` on the contexts of ``measure_ce`` (condition :data:`SOURCE_CONDITION`; x_source is the clean pass's
-    activation at ``source_hook``). Writes token_ce.parquet (its clean rows equal measure_ce's) and the map W, c
-    (nonlinear_map.safetensors) into ``out``."""
+    from both SAEs' stored codes: darkmatter.errors.sources), then splices Sae(x) + SourceSae(x_source)·W + c
+    (:data:`SOURCE_CONDITION`) and the same plus LinearError(x) (:data:`SOURCE_CONDITION_WITH_LINEAR`) at ``hook``
+    on the contexts of ``measure_ce``, x_source being the clean pass's activation at ``source_hook``. Writes
+    token_ce.parquet (its clean rows equal measure_ce's) and the map W, c (nonlinear_map.safetensors) into ``out``."""
     from darkmatter.data.activations import ActivationStore
     from darkmatter.data.models import load_model
     from darkmatter.errors.measure import LINEAR_MAP, SPLIT
@@ -268,21 +270,25 @@ def measure_sources_ce_to_folder(model_path: str, tokens_path: Path, errors: Pat
     sae, source = load_sae(sae_dir), load_sae(source_sae_dir)
     sae_id = Path(sae_dir).name
     lin = load_safetensors(Path(errors) / sae_id / LINEAR_MAP)
-    target = component_rows(x, load_codes(codes_dir, sae), lin["coef"].float(), lin["intercept"].float(),
-                            ("nonlinear_error",))
+    b, b0 = lin["coef"].float(), lin["intercept"].float()
+    target = component_rows(x, load_codes(codes_dir, sae), b, b0, ("nonlinear_error",))
     fit = fit_on(reconstruction_rows(load_codes(source_codes_dir, source), len(x)), target,
                  load_npy(Path(errors) / SPLIT))
     coef = torch.from_numpy(fit.coef.astype(np.float32)).to(device)
     intercept = torch.from_numpy(fit.intercept.astype(np.float32)).to(device)
-    sae, source = sae.to(device), source.to(device)
+    sae, source, b, b0 = sae.to(device), source.to(device), b.to(device), b0.to(device)
 
     def spliced(v: Tensor, v_source: Tensor) -> Tensor:
         return sae(v).x_hat + torch.addmm(intercept, source(v_source).x_hat, coef)
 
+    def spliced_with_linear(v: Tensor, v_source: Tensor) -> Tensor:
+        return spliced(v, v_source) + torch.addmm(b0, v, b)
+
     model, _ = load_model(model_path, device=device)
     tokens = load_npy(tokens_path)
     chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
-    reps = {f"{sae_id}|{SOURCE_CONDITION}": Conditioned(_flat(spliced), (source_hook,))}
+    reps = {f"{sae_id}|{condition}": Conditioned(_flat(fn), (source_hook,))
+            for condition, fn in ((SOURCE_CONDITION, spliced), (SOURCE_CONDITION_WITH_LINEAR, spliced_with_linear))}
     table = measure_ce(model, tokens, chosen, hook, min_pos, reps, batch_contexts=batch_contexts,
                        autocast_bf16=autocast_bf16)
     _write_ce(out, table, None, params, started, autocast_bf16, device_info,

@@ -110,9 +110,10 @@ PURSUIT_ERRORS = (
 TOKEN_CE = (
     Column("sae_id", "VARCHAR", "SAE identifier; '' for SAE-independent conditions (clean, zero, mean)"),
     Column("condition", "VARCHAR",
-           "clean | zero | mean | sae | sae+linear | sae+nonlinear | pursuit | sae+nonlinear_from_previous_layer (what "
-           "replaced x at the hook; pursuit: the gradient-pursuit reconstruction, widest SAE only; the last: Sae(x) plus "
-           "the part of its NonlinearError the previous layer's SAE predicts, widest k = 32 SAE only)"),
+           "clean | zero | mean | sae | sae+linear | sae+nonlinear | pursuit | sae+nonlinear_from_previous_layer | "
+           "sae+linear+nonlinear_from_previous_layer (what replaced x at the hook; pursuit: the gradient-pursuit "
+           "reconstruction, widest SAE only; the last two: Sae(x), or Sae(x) + LinearError(x), plus the part of its "
+           "NonlinearError the previous layer's SAE predicts, widest k = 32 SAE only)"),
     Column("context", "INTEGER", "eval context (joins tokens.context)"),
     Column("position", "INTEGER", "position whose next-token prediction is scored (>= min_pos)"),
     Column("ce", "FLOAT", "next-token cross-entropy with the replacement spliced in, nats"),

@@ -61,9 +61,10 @@ def test_summary_names_the_comparison_and_the_unit(out):
 
 def test_ce_recovered_by_the_predicted_nonlinear_error_beside_the_whole(tmp_path):
     """Planted per-token CE: per context the SAE's gap is 1 + u_c, the whole NonlinearError closes half of it and its
-    previous-layer prediction a fifth, so every resample gives exactly 50% and 20%."""
+    previous-layer prediction a fifth, so every resample gives exactly 50% and 20%; Sae(x) + LinearError(x) leaves
+    0.6 of the gap, of which adding the prediction closes a quarter (25%)."""
     from darkmatter.config import SaeFamilyConfig, from_dict
-    from darkmatter.downstream.ce import SOURCE_CONDITION
+    from darkmatter.downstream.ce import SOURCE_CONDITION, SOURCE_CONDITION_WITH_LINEAR
     from darkmatter.store.build import build_experiment_database
     from tests.helpers import _ByteTokenizer
 
@@ -74,13 +75,15 @@ def test_ce_recovered_by_the_predicted_nonlinear_error_beside_the_whole(tmp_path
     for c in range(10):
         gap = 1 + u[c]
         for sae_id, cond, ce in (("", "clean", 1.0), (base, "sae", 1 + gap), (base, "sae+nonlinear", 1 + gap / 2),
-                                 (base, SOURCE_CONDITION, 1 + 0.8 * gap)):
+                                 (base, SOURCE_CONDITION, 1 + 0.8 * gap), (base, "sae+linear", 1 + 0.6 * gap),
+                                 (base, SOURCE_CONDITION_WITH_LINEAR, 1 + 0.45 * gap)):
             rows.append(pl.DataFrame({"sae_id": sae_id, "condition": cond, "context": np.full(5, c, np.int32),
                                       "position": np.arange(5, dtype=np.int32), "ce": np.full(5, ce, np.float32),
                                       "kl": np.zeros(5, np.float32)}))
     table = pl.concat(rows)
-    for folder, part in ((exp.paths.ce, table.filter(pl.col("condition") != SOURCE_CONDITION)),
-                         (exp.paths.sources_ce, table.filter(pl.col("condition").is_in(["clean", SOURCE_CONDITION])))):
+    sourced = [SOURCE_CONDITION, SOURCE_CONDITION_WITH_LINEAR]
+    for folder, part in ((exp.paths.ce, table.filter(~pl.col("condition").is_in(sourced))),
+                         (exp.paths.sources_ce, table.filter(pl.col("condition").is_in(["clean", *sourced])))):
         folder.mkdir(parents=True)
         part.write_parquet(folder / "token_ce.parquet")
     families = [from_dict(SaeFamilyConfig, f) for f in exp.params["families"]]
@@ -88,6 +91,7 @@ def test_ce_recovered_by_the_predicted_nonlinear_error_beside_the_whole(tmp_path
     build_experiment_database(exp.paths, families, exp.hook, tokenizer=_ByteTokenizer())
     s = exp.run("error_sources", tmp_path / "out")["summary"]
     assert s["ce_contexts"] == 10
-    for part, pct in (("nonlinear", 50.0), ("nonlinear_from_previous_layer", 20.0)):
+    for part, pct in (("nonlinear", 50.0), ("nonlinear_from_previous_layer", 20.0),
+                      ("nonlinear_from_previous_layer_given_linear", 25.0)):
         for suffix in ("", "_ci_low", "_ci_high"):  # float32 CE: a few ulps of 100
             assert s[f"ce_recovered_{part}_pct{suffix}"] == pytest.approx(pct, abs=1e-4)
