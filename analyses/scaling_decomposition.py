@@ -9,7 +9,9 @@ equivalence test on the OLS slope of FVU_nonlinear on log2 width: flat when its 
 percentile over resampled documents) lie within a practical margin (analysis option flat_margin_pct, ±1% of the mean
 per doubling); with fewer than 4 widths the law is not fitted and its numbers are NaN. FVU_nonlinear of b* fitted
 without intercept is shown beside it: the stored FVU_nonlinear times the test split's ratio of the two maps' residual
-sums (1 − pooled R² without intercept over 1 − pooled R² with it; both R² share one test-set denominator).
+sums (1 − pooled R² without intercept over 1 − pooled R² with it; both R² share one test-set denominator). A width
+family with several seeds per width is fitted on every SAE (a width counts by its seeds; the slope's t interval then
+carries the seed noise), and the pooled within-width standard deviation of FVU_nonlinear is reported beside it.
 """
 
 from __future__ import annotations
@@ -180,6 +182,22 @@ def _no_intercept_summary(main: pl.DataFrame) -> dict[str, float]:
             "fvu_nonlinear_no_intercept_slope_pct_of_mean_per_doubling": 100 * slope / mean if mean > 0 else math.nan}
 
 
+def _seed_spread(main: pl.DataFrame) -> dict[str, float | int]:
+    """With several seeds at a width: the pooled within-width standard deviation of FVU_nonlinear (ddof 1), the
+    noise one more seed adds to each point. The law and the slope are fitted on every SAE, so widths count by their
+    seeds and the slope's t interval over the points carries this noise (empty with one seed per width)."""
+    per = main.group_by("width").agg(pl.col("fvu_nonlinear").cast(pl.Float64).var(ddof=1).alias("var"),
+                                     pl.len().alias("n"))
+    seeds = int(per["n"].max())  # type: ignore[arg-type]
+    if seeds < 2:
+        return {}
+    replicated = per.filter(pl.col("n") > 1)
+    pooled = float(((replicated["n"] - 1) * replicated["var"]).sum() / (replicated["n"] - 1).sum())
+    mean = _nonlinear_mean(main)
+    return {"seeds_per_width": seeds, "fvu_nonlinear_seed_sd": math.sqrt(pooled),
+            "fvu_nonlinear_seed_sd_pct_of_mean": 100 * math.sqrt(pooled) / mean if mean > 0 else math.nan}
+
+
 def _verdict(value: float, low: float, high: float, below: str, above: str, inside: str) -> str:
     if not all(math.isfinite(v) for v in (value, low, high)):
         return "unknown"
@@ -230,6 +248,7 @@ def summarize(table: pl.DataFrame) -> dict[str, float | str]:
         "fvu_nonlinear_slope_ci_low": lo, "fvu_nonlinear_slope_ci_high": hi,
         "fvu_nonlinear_slope_pct_of_mean_per_doubling": 100 * slope / nl_mean if nl_mean > 0 else math.nan,
         **_no_intercept_summary(main),
+        **_seed_spread(main),
         **_flatness(first, nl_mean),
         # compared with c's interval, not just its point estimate
         "fvu_nonlinear_below_c": _verdict(nl_mean, c_lo, c_hi, "no (above c)", "yes", "within the CI of c"),

@@ -34,21 +34,26 @@ GAP_LINEAR, GAP_NONLINEAR = 0.6, 0.2  # planted fraction of each SAE's CE gap cl
 Norms = Callable[[int, int, np.random.Generator], dict[str, np.ndarray]]
 
 
-def _sae_rows(widths=WIDTHS) -> list[dict]:
-    """The '+'-shaped grid: a width sweep at k=16 and a k sweep at width 1024 (w1024-k16 is in both)."""
-    members: dict[tuple[int, int], list[str]] = {}
+SEED_SHIFT = 3e-3  # planted: another seed of a width-family SAE has FVU_nonlinear this much higher
+
+
+def _sae_rows(widths=WIDTHS, seeds: int = 1) -> list[dict]:
+    """The '+'-shaped grid: a width sweep at k=16 (``seeds`` seeds per width) and a k sweep at width 1024
+    (w1024-k16 seed 0 is in both)."""
+    members: dict[tuple[int, int, int], list[str]] = {}
     for w in widths:
-        members.setdefault((w, K_OF_WIDTHS), []).append("width")
+        for seed in range(seeds):
+            members.setdefault((w, K_OF_WIDTHS, seed), []).append("width")
     for k in KS:
-        members.setdefault((WIDTH_OF_KS, k), []).append("k")
+        members.setdefault((WIDTH_OF_KS, k, 0), []).append("k")
     rows = []
-    for (w, k), fams in members.items():
+    for (w, k, seed), fams in members.items():
         fvu = C + A * w ** (-M) + 1e-4 * (-1) ** len(rows)  # a little alternating noise: the fit has residuals
         fvu *= (k / K_OF_WIDTHS) ** -0.25
-        nl = NL + 2e-4 * (-1) ** len(rows)
+        nl = NL + 2e-4 * (-1) ** len(rows) + SEED_SHIFT * seed
         rows.append({c.name: None for c in TABLES["saes"]} | {
-            "sae_id": f"topk-w{w}-k{k}-s0", "hook": HOOK, "families": ",".join(fams),
-            "architecture": "topk", "width": w, "k": k, "seed": 0, "fvu": fvu, "fvu_nonlinear": nl,
+            "sae_id": f"topk-w{w}-k{k}-s{seed}", "hook": HOOK, "families": ",".join(fams),
+            "architecture": "topk", "width": w, "k": k, "seed": seed, "fvu": fvu, "fvu_nonlinear": nl,
             "fvu_linear": fvu - nl, "r2_norm_sq": 0.95 - 0.01 * len(rows), "r2_vector_mean_dims": 0.5 + 0.01 * len(rows),
             "r2_vector_pooled": 0.55, "l0_mean": float(k)})
     return rows
@@ -87,7 +92,7 @@ def gap_of(width: int, k: int) -> float:
 
 
 def make_store(root: Path, norms: Callable | None = None, widths=WIDTHS, with_ce: bool = True,
-               error_sq: Callable | None = None) -> AnalysisContext:
+               error_sq: Callable | None = None, seeds: int = 1) -> AnalysisContext:
     """A synthetic experiment: tokens, the saes grid, per-token error shards, planted token_ce; its context."""
     rng = np.random.default_rng(0)
     n = N_CONTEXTS * N_POSITIONS
@@ -99,7 +104,7 @@ def make_store(root: Path, norms: Callable | None = None, widths=WIDTHS, with_ce
         "loss": rng.gamma(2.0, 1.0, n),
     }).with_columns(  # the store has no loss at a context's last position (no next token)
         pl.when(pl.col("position") == MIN_POS + N_POSITIONS - 1).then(None).otherwise(pl.col("loss")).alias("loss"))
-    saes = _sae_rows(widths)
+    saes = _sae_rows(widths, seeds)
     fit = split_mask(n, n * 5 // 8, seed=0)  # 500 of 800 rows
     d = 10 + rng.standard_normal(n)  # per-token difficulty shared by all SAEs
     shards = []
@@ -115,7 +120,8 @@ def make_store(root: Path, norms: Callable | None = None, widths=WIDTHS, with_ce
     paths = ExperimentPaths.at(root)
     build_database(paths.database, tokens, pl.DataFrame(saes), shards,
                    token_ce=_token_ce(saes, rng) if with_ce else None)
-    families = [{"name": "width", "architecture": "topk", "widths": list(widths), "ks": [K_OF_WIDTHS]},
+    families = [{"name": "width", "architecture": "topk", "widths": list(widths), "ks": [K_OF_WIDTHS],
+                 "seeds": list(range(seeds))},
                 {"name": "k", "architecture": "topk", "widths": [WIDTH_OF_KS], "ks": list(KS)}]
     return AnalysisContext(paths, {"seed": 0, "analysis": {"bootstrap": 40, "confidence": 0.9},
                                    "families": families, "harvest": {"hooks": [HOOK], "min_pos": MIN_POS},
@@ -353,3 +359,21 @@ def test_flatness_is_an_equivalence_test(t90, doc90, outer, verdict):
     out = _flatness(first, 0.05)
     assert out["fvu_nonlinear_flat"].startswith(verdict), out
     assert out["flat_margin_fvu_per_doubling"] == pytest.approx(5e-4)
+
+
+def test_store_analyses_take_two_seeds_per_width(store, tmp_path):
+    """A width family with two seeds per width: every store analysis runs, the scaling law is fitted on all
+    points, and the seed spread of FVU_nonlinear is the planted one (two values SEED_SHIFT apart: SD SEED_SHIFT/√2)."""
+    ctx = make_store(tmp_path, seeds=2)
+    for name in MODULES:
+        assert _run(name, ctx, tmp_path)["table"].height > 0, name
+    s = _run("scaling_decomposition", ctx, tmp_path)["summary"]
+    assert s["n_widths"] == len(WIDTHS) and s["seeds_per_width"] == 2
+    assert s["fvu_nonlinear_seed_sd"] == pytest.approx(SEED_SHIFT / math.sqrt(2), rel=0.15)  # ± the 2e-4 wiggle
+    assert s["fvu_nonlinear_mean"] == pytest.approx(NL + SEED_SHIFT / 2, abs=2e-4)
+    assert s["c_fvu"] == pytest.approx(C, abs=2e-3) and s["m"] == pytest.approx(M, abs=0.03)
+    # the seed spread is noise the slope's t interval over the points now carries: still flat, wider interval
+    one = _run("scaling_decomposition", store, tmp_path / "one")["summary"]
+    width = s["fvu_nonlinear_slope_ci_high"] - s["fvu_nonlinear_slope_ci_low"]
+    assert width > one["fvu_nonlinear_slope_ci_high"] - one["fvu_nonlinear_slope_ci_low"]
+    assert "seeds_per_width" not in one and "fvu_nonlinear_seed_sd" not in one
