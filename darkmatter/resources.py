@@ -198,7 +198,8 @@ def step_resources(cfg: ExperimentConfig, step: str, shape: ModelShape, *, split
         # measure-sources-ce: the base SAE and the previous layer's, sized here as two of the widest
         saes = of_hook if step == "measure-ce" else [widest(of_hook)] * (2 if step == "measure-sources-ce" else 1)
         tokens = cfg.downstream.contexts * h.context_size
-        conditions = 1 + 3 * len(saes) if step == "measure-ce" else 2
+        # clean, plus each SAE's three, the pursuit, or the two of measure-sources-ce
+        conditions = 1 + {"measure-ce": 3 * len(saes), "measure-pursuit-ce": 1, "measure-sources-ce": 2}[step]
         mem = (_forward_bytes(shape, cfg.downstream.batch_contexts * h.context_size, with_logits=True)
                + sum(2 * m.spec.d_sae * d * FLOAT for m in saes) + tokens * conditions * 8)
         sec = tokens * conditions * shape.n_params * MODEL_S
