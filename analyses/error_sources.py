@@ -29,7 +29,7 @@ from darkmatter.downstream.ce import SOURCE_CONDITION, SOURCE_CONDITION_WITH_LIN
 from darkmatter.downstream.splice import percent_recovered
 from darkmatter.errors.sources import COMPONENTS, SOURCE_K, component_rows
 from darkmatter.io import load_safetensors
-from darkmatter.regression import Design, LazyRows, group_test_sums, stream_moments
+from darkmatter.regression import Design, LazyRows, group_test_sums_of, stream_moments
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,20 @@ TARGETS = COMPONENTS
 
 @dataclass(frozen=True)
 class Predictor:
-    """One predictor set: its ``name``, ``kind`` (sae | raw) and the columns it stacks, as functions of a row slice."""
+    """One predictor set: its ``name``, ``kind`` (sae | raw) and the blocks it stacks (by name, see
+    :func:`_predictors`)."""
 
     name: str
     kind: str
-    parts: tuple[Callable[[slice], torch.Tensor], ...]
-    width: int
+    blocks: tuple[str, ...]
 
-    def rows(self, n: int) -> LazyRows:
-        return LazyRows(n, self.width, lambda sl: torch.cat([p(sl) for p in self.parts], dim=1))
+
+@dataclass(frozen=True)
+class Block:
+    """One predictor block: a function of a row slice giving [rows, width] float32."""
+
+    get: Callable[[slice], torch.Tensor]
+    width: int
 
 
 def role(hook: str, primary: str) -> str:
@@ -85,41 +90,38 @@ def _targets(ctx: AnalysisContext, base: dict, x: np.ndarray) -> LazyRows:
     return component_rows(x, ctx.codes(base["hook"], base["sae_id"]), lin["coef"].float(), lin["intercept"].float())
 
 
-def _predictors(ctx: AnalysisContext, saes: pl.DataFrame, base: dict) -> list[Predictor]:
-    """Each SAE's reconstruction alone, the other hooks' SAEs jointly, all SAEs jointly, each other hook's raw
-    activations and all of them jointly."""
+def _predictors(ctx: AnalysisContext, saes: pl.DataFrame, base: dict) -> tuple[dict[str, Block], list[Predictor]]:
+    """The blocks (each chosen SAE's reconstruction, each other hook's raw activations) and the predictor sets: each
+    SAE's reconstruction alone, the other hooks' SAEs jointly, all SAEs jointly, each other hook's raw activations
+    and all of them jointly."""
     store = ctx.eval_store()
     others = [h for h in dict.fromkeys(saes["hook"]) if h != ctx.hook]
     chosen = [base] + [s for s in (_widest(saes, h) for h in others) if s is not None]
-
-    def recon(s: dict) -> tuple[Callable[[slice], torch.Tensor], int]:
-        codes = ctx.codes(s["hook"], s["sae_id"])
-        return codes.x_hat, int(codes.W_dec.shape[1])
-
-    def raw(hook: str) -> tuple[Callable[[slice], torch.Tensor], int]:
-        a = store.activations(hook)
-        return (lambda sl: torch.from_numpy(np.array(a[sl], dtype=np.float32))), int(a.shape[1])
-
-    out = []
-
-    def add(name: str, kind: str, pieces: list[tuple[Callable, int]]) -> None:
-        out.append(Predictor(name, kind, tuple(p for p, _ in pieces), sum(w for _, w in pieces)))
-
+    blocks: dict[str, Block] = {}
     for s in chosen:
-        add(f"{role(s['hook'], ctx.hook)} SAE", "sae", [recon(s)])
-    if len(chosen) > 2:
-        add("other hooks' SAEs jointly", "sae", [recon(s) for s in chosen[1:]])
-    if len(chosen) > 1:
-        add("all SAEs jointly", "sae", [recon(s) for s in chosen])
+        codes = ctx.codes(s["hook"], s["sae_id"])
+        blocks[f"{role(s['hook'], ctx.hook)} SAE"] = Block(codes.x_hat, int(codes.W_dec.shape[1]))
     for h in others:
-        add(f"{role(h, ctx.hook)} activations (ceiling)", "raw", [raw(h)])
+        a = store.activations(h)
+        blocks[f"{role(h, ctx.hook)} activations (ceiling)"] = Block(
+            lambda sl, a=a: torch.from_numpy(np.array(a[sl], dtype=np.float32)), int(a.shape[1]))
+    sae_blocks, raw_blocks = list(blocks)[: len(chosen)], list(blocks)[len(chosen):]
+    sets = [Predictor(b, "sae", (b,)) for b in sae_blocks]
+    if len(chosen) > 2:
+        sets.append(Predictor("other hooks' SAEs jointly", "sae", tuple(sae_blocks[1:])))
+    if len(chosen) > 1:
+        sets.append(Predictor("all SAEs jointly", "sae", tuple(sae_blocks)))
+    sets += [Predictor(b, "raw", (b,)) for b in raw_blocks]
     if len(others) > 1:
-        add("other hooks' activations jointly (ceiling)", "raw", [raw(h) for h in others])
-    return out
+        sets.append(Predictor("other hooks' activations jointly (ceiling)", "raw", tuple(raw_blocks)))
+    return blocks, sets
 
 
 def compute(ctx: AnalysisContext) -> pl.DataFrame:
-    """One row per predictor set × intercept × target: held-out R² (mean over dims and pooled) with intervals."""
+    """One row per predictor set × intercept × target: held-out R² (mean over dims and pooled) with intervals.
+
+    Every predictor set of a kind (SAE reconstructions, raw activations) is a column subset of that kind's union of
+    blocks, so its moments are sub-blocks of the union's: one pass of moments and one of held-out sums per kind."""
     saes = _all_saes(ctx)
     base = _widest(saes, ctx.hook)
     if base is None:
@@ -132,27 +134,37 @@ def compute(ctx: AnalysisContext) -> pl.DataFrame:
     contexts = store.index()["context"].to_numpy().astype(np.int64)
     weights = ctx.resample_weights(np.unique(contexts))
     conf = ctx.analysis.confidence
+    blocks, sets = _predictors(ctx, saes, base)
     rows = []
-    for p in _predictors(ctx, saes, base):
-        xs = p.rows(n)
-        m = stream_moments(xs, y, mask, desc=p.name)
+    for kind in dict.fromkeys(p.kind for p in sets):
+        members = [p for p in sets if p.kind == kind]
+        union = list(dict.fromkeys(b for p in members for b in p.blocks))
+        start = np.cumsum([0] + [blocks[b].width for b in union])
+        at = {b: np.arange(start[i], start[i + 1]) for i, b in enumerate(union)}
+        xs = LazyRows(n, int(start[-1]), lambda sl, union=union: torch.cat([blocks[b].get(sl) for b in union], dim=1))
+        m = stream_moments(xs, y, mask, desc=f"{kind} predictors")
         assert m.x is not None and m.y is not None
-        for intercept in (True, False):
-            lin = Design(m.x[0], m.x[1], intercept=intercept).solve(m.y[0])
-            sums = group_test_sums(xs, y, mask, contexts, lin)
+        fits = []
+        for p in members:
+            cols = np.concatenate([at[b] for b in p.blocks])
+            design = [xm.columns(cols) for xm in m.x]
+            for intercept in (True, False):
+                lin = Design(design[0], design[1], intercept=intercept).solve(m.y[0].on_columns(cols))
+                fits.append((p, cols, intercept, lin))
+        for (p, cols, intercept, _), sums in zip(fits, group_test_sums_of(
+                xs, y, mask, contexts, [(cols, lin) for _, cols, _, lin in fits]), strict=True):
             for t, target in enumerate(TARGETS):
                 r2 = r2_interval(sums, slice(t * d, (t + 1) * d), weights, conf)
-                rows.append({"predictor": p.name, "kind": p.kind, "width": p.width, "intercept": intercept,
+                rows.append({"predictor": p.name, "kind": p.kind, "width": len(cols), "intercept": intercept,
                              "target": target, **{f"r2_{k}": v for k, v in r2.items()}})
-        log.info("%s: R² of NonlinearError %.3f (pooled, affine)", p.name,
-                 next(r["r2_pooled"] for r in rows if r["predictor"] == p.name and r["target"] == "nonlinear_error"))
+                if intercept and target == "nonlinear_error":
+                    log.info("%s: R² of NonlinearError %.3f (pooled, affine)", p.name, r2["pooled"])
     return pl.DataFrame(rows).with_columns(
         base_sae_id=pl.lit(base["sae_id"]), pursuit_fvu_nonlinear_reduction_pct=pl.lit(_pursuit_reduction(ctx, base)),
         **{k: pl.lit(v) for k, v in _ce_recovered(ctx, base["sae_id"]).items()},
         **{k: pl.lit(v) for k, v in ctx.resampling(np.unique(contexts)).items()})
 
 
-# part -> (the condition splicing it in, the condition whose CE gap it closes part of)
 CE_PARTS = {"nonlinear": ("sae+nonlinear", "sae"), "nonlinear_from_previous_layer": (SOURCE_CONDITION, "sae"),
             # against Sae(x) + LinearError(x), whose gap is the NonlinearError's own cost: the prediction is fitted to
             # NonlinearError, and added to Sae(x) alone it also meets the LinearError it was not fitted beside

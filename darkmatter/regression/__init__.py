@@ -34,6 +34,7 @@ from darkmatter.regression.solve import (
     LinearFit,
     fit_linear,
     group_test_sums,
+    group_test_sums_of,
     heldout_group_sums,
     heldout_r2,
     residual_ss,
@@ -43,6 +44,6 @@ __all__ = [
     "CHUNK_ROWS", "DEFAULTS", "RCOND", "TILE_ROWS", "ArrayLike", "Chunk", "Design", "GroupSums",
     "GroupSumsAccumulator", "HeldoutFit", "LazyRows", "LinearFit", "Moments", "R2Scores", "TargetMoments",
     "TargetSums", "XMoments", "XSums", "as_f64", "as_tensor", "chunks", "fit_linear", "group_test_sums",
-    "heldout_group_sums", "heldout_r2", "load_moments", "r2_from_ss", "r2_scores", "residual_ss", "row_chunks",
-    "save_moments", "split_mask", "stream_moments",
+    "group_test_sums_of", "heldout_group_sums", "heldout_r2", "load_moments", "r2_from_ss", "r2_scores",
+    "residual_ss", "row_chunks", "save_moments", "split_mask", "stream_moments",
 ]

@@ -128,6 +128,11 @@ class XMoments:
         """Σ‖x − x̄‖² (the FVU denominator, from these sums)."""
         return float(np.trace(self.gram) - self.sum @ self.sum / self.n)
 
+    def columns(self, cols: np.ndarray) -> XMoments:
+        """The moments of the design columns ``cols`` only: designs that are column subsets of one streamed design
+        share its pass."""
+        return XMoments(self.n, self.shift[cols], self.sum[cols], self.gram[np.ix_(cols, cols)])
+
     def __add__(self, other: XMoments) -> XMoments:
         """The moments of the union of two disjoint row sets (same shift)."""
         if not np.array_equal(self.shift, other.shift):
@@ -164,6 +169,10 @@ class TargetMoments:
         """The moments of the output columns ``cols`` only (targets stacked side by side share one pass)."""
         return TargetMoments(self.n, self.shift[cols], self.sum[cols], self.sum_sq[cols],
                              np.ascontiguousarray(self.cross[:, cols]))
+
+    def on_columns(self, cols: np.ndarray) -> TargetMoments:
+        """The target's moments against the design columns ``cols`` only (:meth:`XMoments.columns`)."""
+        return TargetMoments(self.n, self.shift, self.sum, self.sum_sq, np.ascontiguousarray(self.cross[cols]))
 
     def __add__(self, other: TargetMoments) -> TargetMoments:
         if not np.array_equal(self.shift, other.shift):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -256,14 +256,25 @@ def heldout_group_sums(x: ArrayLike, y: ArrayLike, mask: np.ndarray, groups: np.
 def group_test_sums(x: ArrayLike, y: ArrayLike, mask: np.ndarray, groups: np.ndarray, fit: LinearFit, *,
                     chunk_rows: int = CHUNK_ROWS) -> GroupSums:
     """Per-group sums of y and of its residual under ``fit`` over the rows ``mask`` leaves out (float64)."""
+    return group_test_sums_of(x, y, mask, groups, [(None, fit)], chunk_rows=chunk_rows)[0]
+
+
+def group_test_sums_of(x: ArrayLike, y: ArrayLike, mask: np.ndarray, groups: np.ndarray,
+                       fits: Sequence[tuple[np.ndarray | None, LinearFit]], *,
+                       chunk_rows: int = CHUNK_ROWS) -> list[GroupSums]:
+    """:func:`group_test_sums` of several fits in one pass, each on its design columns of x (None: all of them;
+    with :meth:`XMoments.columns`, several designs cost one pass of x and y each way)."""
     mask, groups = np.asarray(mask, dtype=bool), np.asarray(groups)
-    coef, b0 = torch.from_numpy(fit.coef), torch.from_numpy(fit.intercept)
-    acc = GroupSumsAccumulator(groups[~mask])
+    maps = [(cols if cols is None else torch.from_numpy(np.asarray(cols)), torch.from_numpy(fit.coef),
+             torch.from_numpy(fit.intercept)) for cols, fit in fits]
+    accs = [GroupSumsAccumulator(groups[~mask]) for _ in fits]
     for sl in row_chunks(x.shape[0], chunk_rows):
         test = ~mask[sl]
         if test.any():
             keep = torch.from_numpy(test)
             yt = as_f64(y[sl])[keep]
             yt = yt[:, None] if yt.ndim == 1 else yt
-            acc.add(groups[sl][test], yt, yt - torch.addmm(b0, as_f64(x[sl])[keep], coef))
-    return acc.result()
+            xt = as_f64(x[sl])[keep]
+            for acc, (cols, coef, b0) in zip(accs, maps, strict=True):
+                acc.add(groups[sl][test], yt, yt - torch.addmm(b0, xt if cols is None else xt[:, cols], coef))
+    return [acc.result() for acc in accs]

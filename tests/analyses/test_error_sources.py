@@ -10,6 +10,7 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from tests.helpers import make_experiment
 from tests.regression.test_regression import null_r2_tolerance
@@ -95,3 +96,34 @@ def test_ce_recovered_by_the_predicted_nonlinear_error_beside_the_whole(tmp_path
                       ("nonlinear_from_previous_layer_given_linear", 25.0)):
         for suffix in ("", "_ci_low", "_ci_high"):  # float32 CE: a few ulps of 100
             assert s[f"ce_recovered_{part}_pct{suffix}"] == pytest.approx(pct, abs=1e-4)
+
+
+def test_each_predictor_set_equals_its_own_regression(out):
+    """The sets share one pass per kind (their moments are sub-blocks of the union's): each set's held-out R² equals
+    a regression of the targets on that set's columns alone (darkmatter.regression.heldout_group_sums)."""
+    import analyses.error_sources as es
+    from darkmatter.analysis.stats import r2_interval
+    from darkmatter.regression import LazyRows, heldout_group_sums
+
+    exp, res = out
+    ctx = exp.context("error_sources")
+    saes = es._all_saes(ctx)
+    base = es._widest(saes, ctx.hook)
+    store = ctx.eval_store()
+    x = store.activations(ctx.hook)
+    n, d = x.shape
+    y = es._targets(ctx, base, x)
+    contexts = store.index()["context"].to_numpy().astype(np.int64)
+    weights = ctx.resample_weights(np.unique(contexts))
+    blocks, sets = es._predictors(ctx, saes, base)
+    assert len(sets) == len(res["table"]) // (2 * len(es.TARGETS))
+    for p in sets:
+        xs = LazyRows(n, sum(blocks[b].width for b in p.blocks),
+                      lambda sl, p=p: torch.cat([blocks[b].get(sl) for b in p.blocks], dim=1))
+        for intercept in (True, False):
+            _, sums = heldout_group_sums(xs, y, ctx.fit_mask(ctx.hook), contexts, intercept=intercept)
+            for t, target in enumerate(es.TARGETS):
+                alone = r2_interval(sums, slice(t * d, (t + 1) * d), weights, ctx.analysis.confidence)
+                shared = _r2(res["table"], p.name, target, intercept)
+                for key in ("pooled", "mean_dims", "pooled_low", "pooled_high"):
+                    assert shared[f"r2_{key}"] == pytest.approx(alone[key], abs=1e-6), (p.name, target, key)
