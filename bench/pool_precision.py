@@ -27,6 +27,7 @@ import yaml
 from darkmatter.config import load_config, stable_hash, to_dict
 from darkmatter.data.activations import ActivationStore
 from darkmatter.errors.measure import LINEAR_MAP, SPLIT
+from darkmatter.errors.metrics import FvuAccumulator
 from darkmatter.errors.sources import SOURCE_K, component_rows
 from darkmatter.io import load_npy, load_safetensors
 from darkmatter.paths import ExperimentPaths
@@ -50,26 +51,19 @@ class Bf16Pool:
 
 
 class Reconstructions:
-    """An SAE's reconstructions of the rows of x, as :class:`LazyRows` (``rows``), that also add up the FVU of
-    the rows read (a single pass of stream_moments reads each row once)."""
+    """An SAE's reconstructions of the rows of x, as :class:`LazyRows` (``rows``), that also feed the project's
+    streaming FVU (a single pass of stream_moments reads each row once)."""
 
     def __init__(self, sae, x: np.ndarray):
-        self.sae, self.x = sae, x
-        self.mean = np.asarray(x[: min(len(x), 200_000)], dtype=np.float64).mean(0)
-        self.sse = self.total = 0.0
+        self.sae, self.x, self.fvu = sae, x, FvuAccumulator()
         self.rows = LazyRows(x.shape[0], x.shape[1], self.get)
 
     @torch.no_grad()
     def get(self, sl: slice) -> torch.Tensor:
         rows = torch.from_numpy(np.array(self.x[sl], dtype=np.float32))
         x_hat = self.sae(rows).x_hat
-        self.sse += float((rows - x_hat).double().pow(2).sum())
-        self.total += float((rows.double() - torch.from_numpy(self.mean)).pow(2).sum())
+        self.fvu.update(rows, x_hat)
         return x_hat
-
-    @property
-    def fvu(self) -> float:
-        return self.sse / self.total
 
 
 def main() -> None:
@@ -120,7 +114,7 @@ def main() -> None:
         assert m.x is not None and m.y is not None
         design = Design(m.x[0], m.x[1])
         r2 = design.heldout_r2(design.solve(m.y[0]), m.y[1])
-        rows[name] = {"eval_fvu": recon.fvu, "r2_nonlinear_error_pooled": float(r2.r2_pooled),
+        rows[name] = {"eval_fvu": recon.fvu.fvu, "r2_nonlinear_error_pooled": float(r2.r2_pooled),
                       "train_seconds": seconds}
         print(f"{name:>34}: eval FVU {rows[name]['eval_fvu']:.5f}, R²(NonlinearError of {base.sae_id}) "
               f"{rows[name]['r2_nonlinear_error_pooled']:.5f}")
