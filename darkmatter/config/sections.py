@@ -339,7 +339,8 @@ class ExperimentConfig:
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     training: SaeTrainingConfig = field(default_factory=SaeTrainingConfig)
     families: tuple[SaeFamilyConfig, ...] = (
-        SaeFamilyConfig(),
+        # two seeds per width: the scaling fit's slope interval then carries the seed spread, which it reports
+        SaeFamilyConfig(seeds=(0, 1)),
         SaeFamilyConfig(name="k", widths=(4096,), ks=(8, 16, 32, 64, 128)),
         # one SAE on each other harvested hook, 16 x d_model wide: the predictors of analyses/error_sources.py
         SaeFamilyConfig(name="resid14", hook="blocks.14.hook_resid_post", widths=(9216,), seeds=(0,)),
