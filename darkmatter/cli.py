@@ -221,7 +221,7 @@ def cmd_measure_ce(args: argparse.Namespace) -> None:
     measure_ce_to_folder(read_json(args.model)["path"], Path(args.tokens), Path(args.errors), args.hook, args.saes,
                          Path(args.out), contexts=ds.contexts, batch_contexts=ds.batch_contexts, seed=ds.seed,
                          min_pos=harvest.min_pos, autocast_bf16=_harvested_in_bf16(args.activations), params=params,
-                         device=device, device_info=device_info)
+                         device=device, device_info=device_info, cache=Path(args.cache) if args.cache else None)
 
 
 def cmd_pursue(args: argparse.Namespace) -> None:
@@ -375,6 +375,8 @@ def parser() -> argparse.ArgumentParser:
                 ("--activations", "the eval activation folder (the model runs in the precision they were harvested in)"),
                 ("--out", "the CE folder to write"))
     p.add_argument("--saes", nargs="+", required=True, help="the SAE folders")
+    p.add_argument("--cache", help="a folder of each SAE's spliced rows to reuse and add to "
+                                   "(darkmatter.downstream.cache); none: splice every SAE")
     command("pursue", "gradient-pursuit codes of a subset of eval tokens with one SAE's decoder", params,
             ("--sae", "an SAE folder in any supported format"), ("--codes", "its codes folder (each token's L0)"),
             ("--activations", "the eval activation folder"), ("--hook", "the hook"),

@@ -1,10 +1,11 @@
-"""Crash-safe file output (everything is written under a temporary name and renamed into place), and the error
-raised when an input does not fit what a step expects."""
+"""Crash-safe file output (everything is written under a temporary name and renamed into place), content digests,
+and the error raised when an input does not fit what a step expects."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import re
@@ -89,6 +90,26 @@ def atomic_file(final: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256(path: Path) -> str:
+    """The sha256 hex digest of a file's bytes (streamed, not read whole)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def files_sha256(files: list[Path], base: Path) -> str:
+    """One sha256 over ``files`` (each one's path relative to ``base`` and its content, in the order given)."""
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{Path(path).relative_to(base).as_posix()}\0{sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+def tree_sha256(folder: Path) -> str:
+    """One sha256 over every file under ``folder``, in sorted order: equal for two folders exactly when they hold
+    the same files with the same bytes."""
+    return files_sha256(sorted(p for p in Path(folder).rglob("*") if p.is_file()), Path(folder))
 
 
 def write_text(path: Path, text: str) -> None:

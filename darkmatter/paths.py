@@ -17,6 +17,8 @@
       error_saes/<hook>/                   train_error_saes: SAEs on the base SAE's error components, their eval
                                              codes and metrics (darkmatter.errors.error_saes)
       ce/                                  measure_ce: token_ce.parquet, summary.parquet
+      ce_cache/                            measure_ce: each SAE's spliced rows by content, so that an added SAE
+                                             is the only one spliced (darkmatter.downstream.cache; safe to delete)
       pursuit/ce/                          measure_pursuit_ce: token_ce.parquet of the widest SAE's pursuit
       sources/ce/                          measure_sources_ce: token_ce.parquet with the part of the NonlinearError
                                              that the previous layer's SAE predicts, and that map
@@ -118,6 +120,10 @@ class ExperimentPaths:
     @property
     def ce(self) -> Path:
         return self.root / "ce"
+
+    @property
+    def ce_cache(self) -> Path:
+        return self.root / "ce_cache"
 
     @property
     def database(self) -> Path:

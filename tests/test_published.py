@@ -11,8 +11,9 @@ import pytest
 
 from darkmatter.analysis import load_outputs
 from darkmatter.config import load_config
+from darkmatter.io import sha256
 from darkmatter.paths import ExperimentPaths
-from darkmatter.report.publish import MANIFEST, published_files, sha256
+from darkmatter.report.publish import MANIFEST, published_files
 from darkmatter.sae.families import expand_families
 from darkmatter.store.schema import TABLES
 from tests.helpers import REPO

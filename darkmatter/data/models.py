@@ -6,7 +6,6 @@ so tests on tiny random models exercise the same code path as real checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -21,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from darkmatter.config import ModelConfig, RandomModelConfig, hook_layer
-from darkmatter.io import atomic_dir
+from darkmatter.io import atomic_dir, sha256
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +41,6 @@ def cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------------------------- embedded model
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_embedded(dest: Path | None = None) -> Path:
@@ -98,7 +89,7 @@ def convert_embedded(out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = locate_embedded_gguf()
-    digest = _sha256(gguf)
+    digest = sha256(gguf)
     if digest != EMBEDDED_GGUF_SHA256:
         raise ModelError(
             f"{gguf} has sha256 {digest}, expected {EMBEDDED_GGUF_SHA256}; delete it and run `make setup` again."

@@ -168,8 +168,9 @@ def summarize_ce(per_token: pl.DataFrame) -> pl.DataFrame:
 
 def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, params: Any, started: float,
               autocast_bf16: bool, device_info: dict[str, Any] | None,
-              arrays: Mapping[str, dict[str, Tensor]] | None = None) -> None:
-    """token_ce.parquet, the summary, any ``arrays`` (file name → tensors, safetensors) and provenance, atomically."""
+              arrays: Mapping[str, dict[str, Tensor]] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """token_ce.parquet, the summary, any ``arrays`` (file name → tensors, safetensors) and provenance (with any
+    ``extra`` entries), atomically."""
     from safetensors.torch import save_file
 
     from darkmatter.io import atomic_dir
@@ -182,7 +183,7 @@ def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, para
         for name, tensors in (arrays or {}).items():
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
         write_provenance(tmp, params, started=started,
-                         extra={"model_autocast_bf16": autocast_bf16, "device": device_info})
+                         extra={"model_autocast_bf16": autocast_bf16, "device": device_info, **(extra or {})})
 
 
 def _contexts_of(tokens_path: Path) -> Path:
@@ -193,12 +194,13 @@ def _contexts_of(tokens_path: Path) -> Path:
 def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook: str, sae_dirs: Sequence[str],
                          out: Path, *, contexts: int, batch_contexts: int, min_pos: int, seed: int = 0,
                          autocast_bf16: bool = False, params: Any = None, device: torch.device | str = "cpu",
-                         device_info: dict[str, Any] | None = None) -> None:
+                         device_info: dict[str, Any] | None = None, cache: Path | None = None) -> None:
     """The ``measure_ce`` step: load the model, the SAEs and their linear maps (``errors`` = the hook's folder of
     darkmatter.errors.measure) on ``device``; write token_ce.parquet + summary.parquet into ``out`` (provenance with
-    ``device_info``, darkmatter.device)."""
-
+    ``device_info``, darkmatter.device). With a ``cache`` folder (darkmatter.downstream.cache), an SAE whose rows it
+    holds for this setting and clean pass is not spliced again, and every SAE spliced is added to it."""
     from darkmatter.data.models import load_model
+    from darkmatter.downstream.cache import CeCache
     from darkmatter.errors.measure import DESIGN, LINEAR_MAP
     from darkmatter.regression import load_moments
     from darkmatter.sae.formats import load_sae
@@ -209,16 +211,39 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
     design = load_moments(Path(errors) / DESIGN)
     # mean ablation: the eval mean of x over the scored positions, from the decomposition's float64 x moments
     mean = torch.from_numpy((design["fit"] + design["test"]).mean.astype(np.float32)).to(device)
-    saes = {}
+    saes, keys = {}, {}
+    chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
+    store = CeCache.for_run(cache, model_path=model_path, contexts=chosen, min_pos=min_pos,
+                            batch_contexts=batch_contexts, autocast_bf16=autocast_bf16, device=device) if cache else None
     for sae_dir in sae_dirs:
         sae_id = Path(sae_dir).name
         sae, lin = load_sae(sae_dir, device), load_safetensors(Path(errors) / sae_id / LINEAR_MAP, device=str(device))
         saes[sae_id] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
-    chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
-    table = measure_ce(model, tokens, chosen, hook, min_pos, conditions(saes, mean), batch_contexts=batch_contexts,
-                       autocast_bf16=autocast_bf16)
-    _write_ce(out, table, summarize_ce(table), params, started, autocast_bf16, device_info)
-    log.info("CE on %d contexts for %d SAEs in %.0f s", len(chosen), len(saes), time.time() - started)
+        if store:
+            keys[sae_id] = store.key(sae_id, Path(sae_dir), Path(errors) / sae_id / LINEAR_MAP)
+
+    def splice(ids: Sequence[str]) -> pl.DataFrame:
+        return measure_ce(model, tokens, chosen, hook, min_pos, conditions({i: saes[i] for i in ids}, mean),
+                          batch_contexts=batch_contexts, autocast_bf16=autocast_bf16)
+
+    held = [i for i in saes if store and store.has(keys[i])]
+    table = splice([i for i in saes if i not in held])
+    clean = table.filter(pl.col("condition") == "clean")
+    parts, reused = [table], []
+    for sae_id in held:
+        rows = store.get(keys[sae_id], clean)  # type: ignore[union-attr]
+        if rows is not None:
+            parts.append(rows)
+            reused.append(sae_id)
+    if stale := [i for i in held if i not in reused]:  # rare: an entry measured against another clean pass
+        parts.append(splice(stale).filter(pl.col("sae_id").is_in(stale)))
+    table = pl.concat(parts).sort("sae_id", "condition", "context", "position")  # one order, cached or not
+    for sae_id in (i for i in saes if store and i not in reused):
+        store.put(keys[sae_id], table.filter(pl.col("sae_id") == sae_id), clean)  # type: ignore[union-attr]
+    _write_ce(out, table, summarize_ce(table), params, started, autocast_bf16, device_info,
+              extra={"ce_cache": {"folder": str(cache), "reused": reused}} if cache else None)
+    log.info("CE on %d contexts for %d SAEs (%d of them from the cache) in %.0f s", len(chosen), len(saes),
+             len(reused), time.time() - started)
 
 
 def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: str, hook: str, out: Path, *,

@@ -10,13 +10,12 @@ store are never published. ``.gitignore`` admits exactly this set for the defaul
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from darkmatter.io import write_json
+from darkmatter.io import sha256, write_json
 from darkmatter.paths import ExperimentPaths
 from darkmatter.provenance import git_state
 from darkmatter.report.tables import stage_records
@@ -27,10 +26,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "published.json"
 MAX_FILE_BYTES = 5 * 2**20  # "nothing over a few MB": a larger file is refused, not published
 MAX_TOTAL_BYTES = 32 * 2**20
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def published_files(paths: ExperimentPaths) -> list[Path]:

@@ -15,6 +15,7 @@ rule measure_ce:
         ce=step_params(EXP, "measure-ce"),
         hook=EXP.primary_hook,
         tokens=str(P.tokens("eval")),
+        cache=str(P.ce_cache),
     threads: CORES
     resources:
         **resources_of("measure-ce"),
@@ -27,7 +28,7 @@ rule measure_ce:
     shell:
         "{params.py:q} -m darkmatter.cli --threads {threads} measure-ce --params {params.ce:q} "
         "--model {input.model:q} --tokens {params.tokens:q} --errors {input.errors:q} --hook {params.hook:q} --activations {input.activations:q} "
-        "--saes {input.saes:q} --out {output:q} > {log:q} 2>&1"
+        "--saes {input.saes:q} --cache {params.cache:q} --out {output:q} > {log:q} 2>&1"
 
 
 if SOURCES_CE is not None:
