@@ -59,7 +59,7 @@ def test_dry_run_plans_every_step(configfile, tmp_path):
 
 
 def test_budget_config_shares_the_defaults_data_or_says_to_run_it_first(tmp_path):
-    """config/budget.yaml plans its 11 SAEs on the default experiment's data, linked, never harvested again; before
+    """config/budget.yaml plans its 12 SAEs on the default experiment's data, linked, never harvested again; before
     the default has run, it stops with one sentence."""
     args = [*SNAKEMAKE, "-n", "-p", "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory",
             str(tmp_path), "--configfile", str(REPO / "config" / "budget.yaml")]
@@ -72,7 +72,7 @@ def test_budget_config_shares_the_defaults_data_or_says_to_run_it_first(tmp_path
     jobs = _jobs(plan.stdout)
     cfg = load_config(REPO / "config" / "budget.yaml")
     ids = [m.sae_id for m in expand_families(cfg.families, cfg.primary_hook)]
-    assert len(ids) == 11 and sorted(k for k in jobs if k.startswith("train_sae/")) == sorted(
+    assert len(ids) == 12 and sorted(k for k in jobs if k.startswith("train_sae/")) == sorted(
         f"train_sae/hook={cfg.primary_hook}, sae_id={i}" for i in ids)
     assert plan.stdout.count("darkmatter.cli share-data --step") == 4  # model, corpus, two activation splits
     assert "darkmatter.cli --threads 2 harvest" not in plan.stdout and "cli prepare-corpus" not in plan.stdout

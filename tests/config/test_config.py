@@ -39,7 +39,7 @@ def test_budget_config_shares_the_defaults_data_and_trains_one_grid_at_several_b
         assert step_slice(cfg, step) == step_slice(default, step)
     ids = [m.sae_id for m in expand_families(cfg.families, cfg.primary_hook)]
     both = [f"topk-w{w}-k32-s0-t{t}" for t in ("500k", "1M", "2M", "4M", "8M") for w in (4096, 16384)]
-    assert ids == both + ["topk-w4096-k32-s1-t2M"]  # and a second seed at 2M: w4096
+    assert ids == both + ["topk-w4096-k32-s1-t2M", "topk-w16384-k32-s1-t2M"]  # and a second seed at 2M
     assert cfg.analysis.training_budget.reference_tokens == default.training.tokens
 
 
