@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,29 @@ class CeCache:
             log.warning("CE cache: the entry %s was measured against another clean pass; measuring again", path)
             return None
         return rows.filter(~is_clean)
+
+    def splice_missing(self, keys: Mapping[str, str], splice: Callable[[list[str]], pl.DataFrame]
+                       ) -> tuple[pl.DataFrame, list[str]]:
+        """All rows for the SAEs of ``keys`` (sae_id → :meth:`key`), and the sae_ids read from the cache.
+
+        ``splice(sae_ids)`` measures the clean pass, the global conditions and those SAEs' conditions (a table of
+        darkmatter.downstream.ce.measure_ce). It runs once for the SAEs the cache lacks; an entry whose clean rows
+        differ from that pass's is measured in a second call. Every SAE measured is then stored."""
+        held = [i for i, key in keys.items() if self.has(key)]
+        table = splice([i for i in keys if i not in held])
+        clean = table.filter(pl.col("condition") == "clean")
+        parts, reused = [table], []
+        for sae_id in held:
+            rows = self.get(keys[sae_id], clean)
+            if rows is not None:
+                parts.append(rows)
+                reused.append(sae_id)
+        if stale := [i for i in held if i not in reused]:
+            parts.append(splice(stale).filter(pl.col("sae_id").is_in(stale)))
+        table = pl.concat(parts)
+        for sae_id in (i for i in keys if i not in reused):
+            self.put(keys[sae_id], table.filter(pl.col("sae_id") == sae_id), clean)
+        return table, reused
 
     def put(self, key: str, rows: pl.DataFrame, clean: pl.DataFrame) -> None:
         """Store one SAE's rows with the clean rows they were measured against (written atomically)."""

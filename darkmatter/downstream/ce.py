@@ -219,27 +219,15 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
         sae_id = Path(sae_dir).name
         sae, lin = load_sae(sae_dir, device), load_safetensors(Path(errors) / sae_id / LINEAR_MAP, device=str(device))
         saes[sae_id] = SplicedSae(lambda v, sae=sae: sae(v).x_hat, lin["coef"], lin["intercept"])
-        if store:
+        if store is not None:
             keys[sae_id] = store.key(sae_id, Path(sae_dir), Path(errors) / sae_id / LINEAR_MAP)
 
     def splice(ids: Sequence[str]) -> pl.DataFrame:
         return measure_ce(model, tokens, chosen, hook, min_pos, conditions({i: saes[i] for i in ids}, mean),
                           batch_contexts=batch_contexts, autocast_bf16=autocast_bf16)
 
-    held = [i for i in saes if store and store.has(keys[i])]
-    table = splice([i for i in saes if i not in held])
-    clean = table.filter(pl.col("condition") == "clean")
-    parts, reused = [table], []
-    for sae_id in held:
-        rows = store.get(keys[sae_id], clean)  # type: ignore[union-attr]
-        if rows is not None:
-            parts.append(rows)
-            reused.append(sae_id)
-    if stale := [i for i in held if i not in reused]:  # rare: an entry measured against another clean pass
-        parts.append(splice(stale).filter(pl.col("sae_id").is_in(stale)))
-    table = pl.concat(parts).sort("sae_id", "condition", "context", "position")  # one order, cached or not
-    for sae_id in (i for i in saes if store and i not in reused):
-        store.put(keys[sae_id], table.filter(pl.col("sae_id") == sae_id), clean)  # type: ignore[union-attr]
+    table, reused = store.splice_missing(keys, splice) if store is not None else (splice(list(saes)), [])
+    table = table.sort("sae_id", "condition", "context", "position")  # one order, cached or not
     _write_ce(out, table, summarize_ce(table), params, started, autocast_bf16, device_info,
               extra={"ce_cache": {"folder": str(cache), "reused": reused}} if cache else None)
     log.info("CE on %d contexts for %d SAEs (%d of them from the cache) in %.0f s", len(chosen), len(saes),
