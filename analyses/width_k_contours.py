@@ -143,6 +143,9 @@ def _metric_figure(table: pl.DataFrame, metric: str, title: str):
     part = table.filter(pl.col(metric).is_not_null() & pl.col(metric).is_not_nan() & pl.col("log2_l0").is_not_null())
     if part.is_empty():
         return note_figure(title, f"no SAE has a value for {metric}")
+    # seeds of one (width, k) sit on one point (TopK's L0 is exactly k): the map shows their mean
+    seeds = part.height > part.select("width", "k").n_unique()
+    part = part.group_by("width", "k", maintain_order=True).agg(pl.col("log2_width", "log2_l0", metric).mean())
     x, y = part["log2_width"].to_numpy(), part["log2_l0"].to_numpy()
     v = part[metric].cast(pl.Float64).to_numpy()
     fig, ax = new_figure()
@@ -165,6 +168,7 @@ def _metric_figure(table: pl.DataFrame, metric: str, title: str):
         lim(float(coord.min()) - pad, float(coord.max()) + pad)
     log2_ticks(ax, "x", part["width"].to_numpy())
     log2_ticks(ax, "y", np.exp2(y).round(1))
+    subtitle += ", mean over seeds" if seeds else ""
     ax.set(xlabel="SAE width (latents, log scale)", ylabel="mean L0 (log scale)", title=f"{title}\n{subtitle}")
     return fig
 

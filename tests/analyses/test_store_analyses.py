@@ -377,3 +377,14 @@ def test_store_analyses_take_two_seeds_per_width(store, tmp_path):
     width = s["fvu_nonlinear_slope_ci_high"] - s["fvu_nonlinear_slope_ci_low"]
     assert width > one["fvu_nonlinear_slope_ci_high"] - one["fvu_nonlinear_slope_ci_low"]
     assert "seeds_per_width" not in one and "fvu_nonlinear_seed_sd" not in one
+    # the contour maps draw one point per (width, k), the mean of its seeds, where the seeds' points coincide
+    from matplotlib.collections import PathCollection
+
+    from analyses import width_k_contours as contours
+
+    table = contours.compute(ctx)
+    ax = contours._metric_figure(table, "fvu_nonlinear", "FVU_nonlinear").axes[0]
+    (dots,) = [c for c in ax.collections if isinstance(c, PathCollection)]
+    grid = table.group_by("width", "k").agg(pl.col("fvu_nonlinear").mean())
+    assert len(dots.get_offsets()) == grid.height < table.height and "mean over seeds" in ax.get_title()
+    assert sorted(dots.get_array()) == pytest.approx(sorted(grid["fvu_nonlinear"]), abs=1e-12)
