@@ -156,7 +156,7 @@ def test_slurm_profile_plans_as_a_global_profile(tmp_path):
     plan = _plan(["--profile", str(REPO / "profiles" / "slurm")], tmp_path)
     assert "profiles/slurm" in plan and "profiles/default" in plan
     jobs = _jobs(plan)
-    assert len(jobs) == 67  # 66 jobs and `all`, as the Job stats table counts them
+    assert len(jobs) == 82  # 81 jobs and `all`, as the Job stats table counts them
     assert int(jobs["harvest/split=eval"].get("threads", 1)) == os.cpu_count()
     assert "threads" not in jobs["build_database/"]
 

@@ -181,7 +181,9 @@ def test_default_families_expand_to_unique_members():
     default = ExperimentConfig()
     members = expand_families(default.families, default.primary_hook)
     ids = [m.sae_id for m in members]
-    assert len(ids) == len(set(ids)) == 12  # 5 widths + 5 ks, the 4096-wide k=32 SAE shared; one per other hook
+    # 5 widths x 2 seeds + 5 ks (the 4096-wide k=32 seed-0 SAE shared); one per other hook
+    assert len(ids) == len(set(ids)) == 17
+    assert sorted(m.spec.seed for m in members if m.families == ("width",)) == [0] * 4 + [1] * 5
     others = {m.hook: m.sae_id for m in members if m.hook != default.primary_hook}
     assert others == {"blocks.14.hook_resid_post": "topk-w9216-k32-s0", "blocks.15.hook_mlp_out": "topk-w9216-k32-s1",
                       "blocks.15.hook_attn_out": "topk-w9216-k32-s2"}
