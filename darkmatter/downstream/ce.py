@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from darkmatter.downstream.contexts import spliced_contexts
 from darkmatter.downstream.splice import (
     Conditioned,
     ce_loss_score,
@@ -36,7 +37,7 @@ from darkmatter.downstream.splice import (
     splice_losses,
     zero_ablation,
 )
-from darkmatter.io import load_npy, load_safetensors, read_parquet
+from darkmatter.io import load_npy, load_safetensors
 from darkmatter.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -78,33 +79,6 @@ def conditions(saes: Mapping[str, SplicedSae], mean: Tensor) -> dict[str, Callab
         out[f"{sae_id}|sae+linear"] = _flat(lambda x, s=s, linear=linear: s.reconstruct(x) + linear(x))
         out[f"{sae_id}|sae+nonlinear"] = _flat(lambda x, linear=linear: x - linear(x))
     return out
-
-
-def context_subset(documents: Sequence[str], n: int, seed: int) -> np.ndarray:
-    """``n`` eval contexts drawn across as many documents as possible (``documents[c]``: context c's document):
-    documents in a seeded order, one context of each per round (each document's own contexts in a seeded order),
-    until ``n`` are chosen. Sorted. Long documents give many correlated contexts; this spreads the CE experiment's
-    tokens over the most independent units its size allows."""
-    documents = np.asarray(documents).astype(str)
-    if n >= len(documents):
-        return np.arange(len(documents))
-    rng = np.random.default_rng(seed)
-    names, inverse = np.unique(documents, return_inverse=True)
-    queues = [rng.permutation(np.flatnonzero(inverse == d)).tolist() for d in rng.permutation(len(names))]
-    chosen: list[int] = []
-    while len(chosen) < n:
-        for queue in queues:
-            if queue and len(chosen) < n:
-                chosen.append(queue.pop(0))
-    return np.sort(np.array(chosen, dtype=np.int64))
-
-
-def context_documents(contexts_parquet: Path, n_contexts: int) -> np.ndarray:
-    """Each eval context's document id (the corpus step's {split}_contexts.parquet; a context without one is its
-    own document)."""
-    table = read_parquet(contexts_parquet, columns=["context", "doc_id"])
-    docs = dict(zip(table["context"].to_list(), table["doc_id"].to_list(), strict=True))
-    return np.array([docs.get(c) or f"context {c}" for c in range(n_contexts)], dtype=object)
 
 
 def measure_ce(model: torch.nn.Module, tokens: np.ndarray, contexts: np.ndarray, hook: str, min_pos: int,
@@ -186,11 +160,6 @@ def _write_ce(out: Path, table: pl.DataFrame, summary: pl.DataFrame | None, para
                          extra={"model_autocast_bf16": autocast_bf16, "device": device_info, **(extra or {})})
 
 
-def _contexts_of(tokens_path: Path) -> Path:
-    """{split}_contexts.parquet beside {split}_tokens.npy (darkmatter.paths)."""
-    return tokens_path.with_name(tokens_path.name.replace("_tokens.npy", "_contexts.parquet"))
-
-
 def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook: str, sae_dirs: Sequence[str],
                          out: Path, *, contexts: int, batch_contexts: int, min_pos: int, seed: int = 0,
                          autocast_bf16: bool = False, params: Any = None, device: torch.device | str = "cpu",
@@ -212,7 +181,7 @@ def measure_ce_to_folder(model_path: str, tokens_path: Path, errors: Path, hook:
     # mean ablation: the eval mean of x over the scored positions, from the decomposition's float64 x moments
     mean = torch.from_numpy((design["fit"] + design["test"]).mean.astype(np.float32)).to(device)
     saes, keys = {}, {}
-    chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
+    chosen = spliced_contexts(tokens_path, len(tokens), contexts, seed)
     store = CeCache.for_run(cache, model_path=model_path, contexts=chosen, min_pos=min_pos,
                             batch_contexts=batch_contexts, autocast_bf16=autocast_bf16, device=device) if cache else None
     for sae_dir in sae_dirs:
@@ -250,7 +219,7 @@ def measure_pursuit_ce_to_folder(model_path: str, tokens_path: Path, sae_dir: st
     model, _ = load_model(model_path, device=device)
     tokens = load_npy(tokens_path)
     fn = pursuit_reconstruction(load_sae(sae_dir, device), l0_multiple=l0_multiple, l0=l0)
-    chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
+    chosen = spliced_contexts(tokens_path, len(tokens), contexts, seed)
     table = measure_ce(model, tokens, chosen, hook, min_pos, {f"{Path(sae_dir).name}|pursuit": _flat(fn)},
                        batch_contexts=batch_contexts, autocast_bf16=autocast_bf16)
     _write_ce(out, table, None, params, started, autocast_bf16, device_info)
@@ -299,7 +268,7 @@ def measure_sources_ce_to_folder(model_path: str, tokens_path: Path, errors: Pat
 
     model, _ = load_model(model_path, device=device)
     tokens = load_npy(tokens_path)
-    chosen = context_subset(context_documents(_contexts_of(tokens_path), len(tokens)), contexts, seed)
+    chosen = spliced_contexts(tokens_path, len(tokens), contexts, seed)
     reps = {f"{sae_id}|{condition}": Conditioned(_flat(fn), (source_hook,))
             for condition, fn in ((SOURCE_CONDITION, spliced), (SOURCE_CONDITION_WITH_LINEAR, spliced_with_linear))}
     table = measure_ce(model, tokens, chosen, hook, min_pos, reps, batch_contexts=batch_contexts,

@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 import torch
 
-from darkmatter.downstream.ce import SplicedSae, _flat, conditions, context_subset, measure_ce, summarize_ce
+from darkmatter.downstream.ce import SplicedSae, _flat, conditions, measure_ce, summarize_ce
+from darkmatter.downstream.contexts import context_subset
 
 D = 32
 
